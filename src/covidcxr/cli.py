@@ -1,0 +1,56 @@
+"""The ``covidcxr`` command line: a thin layer over the library.
+
+Each command parses its options, calls one library function and prints the result. Errors that
+covidcxr raises on purpose (``CovidCXRError``) are printed as one line naming the file and the
+reason, with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from covidcxr.errors import CovidCXRError
+
+app = typer.Typer(help="Train, validate, explain and serve chest X-ray COVID-19 detectors without shortcut learning.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Import, split, audit and cache chest X-ray datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except CovidCXRError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2)
+
+
+# ---------------------------------------------------------------- data (issue: foundation)
+# (data import / split / audit / cache commands go here)
+
+
+# ---------------------------------------------------------------- train (issue: training)
+# (train command goes here)
+
+
+# ---------------------------------------------------------------- evaluate / report / compare (issue: evaluation)
+# (evaluate, report, compare commands go here)
+
+
+# ---------------------------------------------------------------- explain (issue: explainability)
+# (explain command goes here)
+
+
+# ---------------------------------------------------------------- predict / export / serve (issue: serving)
+# (predict, export, serve commands go here)
+
+
+if __name__ == "__main__":
+    main()

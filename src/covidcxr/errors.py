@@ -1,0 +1,41 @@
+"""Exceptions with messages a user can act on.
+
+Every error names the file (or row / column) and the reason, so that a batch job can report what
+it skipped and why, and the CLI can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CovidCXRError(Exception):
+    """Base class: anything covidcxr raises on purpose."""
+
+
+class ImageReadError(CovidCXRError):
+    """A file could not be read as a chest X-ray."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class NotAChestXRayError(ImageReadError):
+    """The file decodes but is not a frontal chest radiograph (CT, lateral, ...).
+
+    Raised separately so that callers can offer an override (e.g. ``allow_non_frontal=True``).
+    """
+
+
+class ManifestError(CovidCXRError):
+    """A manifest is invalid; the message names the row and column."""
+
+
+class ConfigError(CovidCXRError):
+    """A configuration value is invalid; the message names the key."""
+
+
+class WeightsError(CovidCXRError):
+    """Model weights are missing, corrupt or do not match their recorded SHA-256."""
