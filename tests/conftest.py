@@ -46,3 +46,13 @@ def weights_dir() -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Never write into the user's real cache from tests.
     monkeypatch.setenv(paths.CACHE_DIR_ENV, str(tmp_path_factory.getbasetemp() / "covidcxr-cache"))
+
+
+# ---------------------------------------------------------------- manifest fixtures (manifest engineer)
+# shared_manifest: Manifest of ../shared/data/cxr/manifest.csv; split_manifest: the same with a
+# patient-grouped, label-stratified split (seed 0). (defined here)
+
+
+# ---------------------------------------------------------------- trained model fixture (training engineer)
+# trained_run: Path to a run directory trained on split_manifest's train/val (binary covid vs non-covid),
+# threshold chosen on val. (defined here)

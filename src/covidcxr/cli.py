@@ -32,8 +32,12 @@ def main() -> None:
         raise SystemExit(2)
 
 
-# ---------------------------------------------------------------- data (issue: foundation)
-# (data import / split / audit / cache commands go here)
+# ---------------------------------------------------------------- data import / split / audit (manifest engineer)
+# (data import / split / audit commands go here)
+
+
+# ---------------------------------------------------------------- data cache (image-io engineer)
+# (data cache command goes here)
 
 
 # ---------------------------------------------------------------- train (issue: training)
