@@ -49,8 +49,21 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 # ---------------------------------------------------------------- manifest fixtures (manifest engineer)
-# shared_manifest: Manifest of ../shared/data/cxr/manifest.csv; split_manifest: the same with a
-# patient-grouped, label-stratified split (seed 0). (defined here)
+@pytest.fixture(scope="session")
+def shared_manifest(data_root):
+    """Manifest of ../shared/data/cxr/manifest.csv (3,495 images, ``split`` still empty)."""
+    from covidcxr.data.manifest import Manifest
+
+    return Manifest.read(data_root / "manifest.csv")
+
+
+@pytest.fixture(scope="session")
+def split_manifest(shared_manifest):
+    """``shared_manifest`` with a patient-grouped, label x source stratified split (seed 0, val 0.15,
+    test 0.15): every row is train / val / test; no patient spans two splits."""
+    from covidcxr.data.splits import assign_splits
+
+    return assign_splits(shared_manifest, val=0.15, test=0.15, seed=0)
 
 
 # ---------------------------------------------------------------- trained model fixture (training engineer)
