@@ -1,0 +1,459 @@
+"""Discrimination and classification metrics, each with a 95 % confidence interval.
+
+* AUC: fast DeLong (Sun & Xu, IEEE SPL 2014) variance from mid-ranks, CI on the AUC scale clipped
+  to [0, 1]; paired DeLong test for two models scored on the same images.
+* Within-source AUC: discrimination measured only between images of the *same* source (see
+  :func:`within_source_auc`). A model that separates classes by recognising which data set an image
+  came from scores high on plain AUC but not here.
+* Proportions (sensitivity, specificity, PPV, NPV, accuracy): Wilson score interval.
+* F1, balanced accuracy, macro AUC: percentile bootstrap.
+* ``clusters=`` (e.g. patient ids) switches every interval to a cluster bootstrap that resamples
+  patients, not images, because images of one patient are not independent.
+
+Point values are plain scikit-learn where scikit-learn has them; only what it lacks (DeLong,
+Wilson, within-source AUC, cluster bootstrap) is written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
+
+from covidcxr.errors import CovidCXRError
+
+DEFAULT_LEVEL = 0.95
+DEFAULT_N_BOOT = 1000
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def check_binary(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Validate 0/1 labels and finite scores of the same length; return them as arrays."""
+    y = np.asarray(y_true)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim != 1 or s.ndim != 1:
+        raise CovidCXRError(f"labels and scores must be 1-D (got shapes {y.shape} and {s.shape})")
+    if len(y) != len(s):
+        raise CovidCXRError(f"labels and scores differ in length ({len(y)} vs {len(s)})")
+    if y.dtype == bool:
+        y = y.astype(np.int64)
+    uniq = np.unique(y)
+    if not np.isin(uniq, [0, 1]).all():
+        raise CovidCXRError(f"binary labels must be 0/1 (got values {uniq[:5].tolist()})")
+    if not np.isfinite(s).all():
+        raise CovidCXRError(f"{int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    return y.astype(np.int64), s
+
+
+def _z(level: float) -> float:
+    if not 0 < level < 1:
+        raise CovidCXRError(f"confidence level {level}: must be between 0 and 1")
+    return float(stats.norm.ppf(0.5 + level / 2))
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Estimate:
+    """A point value with its confidence interval and how the interval was computed."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    method: str
+    n: int | None = None
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+# ---------------------------------------------------------------- DeLong
+
+
+def _midrank(x: np.ndarray) -> np.ndarray:
+    """Mid-ranks (1-based; ties get the mean of their ranks)."""
+    return stats.rankdata(x, method="average")
+
+
+def delong_placements(y_true, scores) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and the DeLong structural components (placement values), via mid-ranks (Sun & Xu 2014).
+
+    ``v10[i]`` = P(score of positive i > random negative) (+1/2 ties), ``v01[j]`` = P(random
+    positive > score of negative j). The AUC is ``mean(v10) == mean(v01)``.
+    """
+    y, s = check_binary(y_true, scores)
+    pos, neg = s[y == 1], s[y == 0]
+    m, n = len(pos), len(neg)
+    if m == 0 or n == 0:
+        raise CovidCXRError(f"AUC needs both classes (got {m} positives, {n} negatives)")
+    tx, ty, tz = _midrank(pos), _midrank(neg), _midrank(np.concatenate([pos, neg]))
+    v10 = (tz[:m] - tx) / n
+    v01 = 1.0 - (tz[m:] - ty) / m
+    auc = float(v10.mean())
+    return auc, v10, v01
+
+
+def delong_variance(y_true, scores) -> tuple[float, float]:
+    """AUC and its DeLong variance ``var(v10)/m + var(v01)/n``."""
+    auc, v10, v01 = delong_placements(y_true, scores)
+    var = _var(v10) / len(v10) + _var(v01) / len(v01)
+    return auc, float(var)
+
+
+def _var(x: np.ndarray) -> float:
+    return float(np.var(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+def auc_ci(y_true, scores, *, level: float = DEFAULT_LEVEL, clusters=None, n_boot: int = DEFAULT_N_BOOT,
+           seed: int = 0) -> Estimate:
+    """ROC AUC with a DeLong CI (or a cluster-bootstrap CI when ``clusters`` is given)."""
+    y, s = check_binary(y_true, scores)
+    auc, var = delong_variance(y, s)
+    if clusters is not None:
+        lo, hi = bootstrap_ci(lambda idx: _safe_auc(y[idx], s[idx]), len(y), clusters=clusters,
+                              n_boot=n_boot, level=level, seed=seed)
+        return Estimate(auc, lo, hi, "cluster bootstrap (patients)", len(y))
+    half = _z(level) * np.sqrt(var)
+    return Estimate(auc, max(0.0, auc - half), min(1.0, auc + half), "DeLong", len(y))
+
+
+def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """Mann-Whitney AUC from mid-ranks (fast, for bootstrap loops); NaN when one class is absent."""
+    m = int(y.sum())
+    n = len(y) - m
+    if m == 0 or n == 0:
+        return np.nan
+    ranks = stats.rankdata(s)
+    return float((ranks[y == 1].sum() - m * (m + 1) / 2) / (m * n))
+
+
+def delong_test(y_true, scores_a, scores_b, *, level: float = DEFAULT_LEVEL) -> dict:
+    """Paired DeLong test of AUC(a) - AUC(b) for two score vectors on the same images."""
+    y, sa = check_binary(y_true, scores_a)
+    _, sb = check_binary(y_true, scores_b)
+    if len(sa) != len(sb):
+        raise CovidCXRError(f"paired DeLong test needs scores for the same images ({len(sa)} vs {len(sb)})")
+    auc_a, v10a, v01a = delong_placements(y, sa)
+    auc_b, v10b, v01b = delong_placements(y, sb)
+    s10 = np.cov(np.vstack([v10a, v10b])) if len(v10a) > 1 else np.zeros((2, 2))
+    s01 = np.cov(np.vstack([v01a, v01b])) if len(v01a) > 1 else np.zeros((2, 2))
+    cov = s10 / len(v10a) + s01 / len(v01a)
+    var_diff = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    diff = auc_a - auc_b
+    se = np.sqrt(max(var_diff, 0.0))
+    if se == 0:
+        z, p = (0.0, 1.0) if diff == 0 else (np.inf * np.sign(diff), 0.0)
+    else:
+        z = diff / se
+        p = float(2 * stats.norm.sf(abs(z)))
+    half = _z(level) * se
+    return {"auc_a": auc_a, "auc_b": auc_b, "difference": diff, "ci_low": diff - half, "ci_high": diff + half,
+            "se": float(se), "z": float(z), "p_value": float(p), "n": int(len(y)),
+            "n_positive": int(len(v10a)), "n_negative": int(len(v01a)), "method": "paired DeLong"}
+
+
+def hanley_mcneil_variance(auc: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil (1982) AUC variance (exponential approximation); an independent check on DeLong."""
+    q1 = auc / (2 - auc)
+    q2 = 2 * auc**2 / (1 + auc)
+    return (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
+
+
+# ---------------------------------------------------------------- within-source AUC
+
+
+def within_source_auc(y_true, scores, sources) -> float:
+    """P(random positive scores above random negative of the SAME source); NaN if no source has both.
+
+    Pairs are counted only within sources (ties count 1/2) and pooled over the sources that hold
+    both classes, so each source's AUC is weighted by its number of positive-negative pairs
+    ``n_pos_s * n_neg_s`` (a source-stratified Mann-Whitney statistic). Sources with one class
+    contribute no pairs and are ignored. See :func:`within_source_auc_details` for per-source
+    AUCs, pair counts and a CI.
+    """
+    y, s, src = _check_sources(y_true, scores, sources)
+    total_pairs = 0.0
+    total_wins = 0.0
+    for key in _source_order(src):
+        mask = src == key
+        ys = y[mask]
+        n_pos = int(ys.sum())
+        n_neg = len(ys) - n_pos
+        if n_pos == 0 or n_neg == 0:
+            continue
+        auc, _, _ = delong_placements(ys, s[mask])
+        total_wins += auc * n_pos * n_neg
+        total_pairs += n_pos * n_neg
+    return float(total_wins / total_pairs) if total_pairs else float("nan")
+
+
+def within_source_auc_details(y_true, scores, sources, *, level: float = DEFAULT_LEVEL) -> dict:
+    """Within-source AUC with per-source AUCs (DeLong CIs), pair counts and a pooled CI.
+
+    The pooled estimate is ``sum_s w_s AUC_s`` with ``w_s = P_s / sum P`` (``P_s`` = positive-negative
+    pairs in source s). Sources are disjoint sets of images, so their AUC estimates are independent
+    and the pooled variance is ``sum_s w_s^2 Var_DeLong(AUC_s)``; the CI is normal on that scale,
+    clipped to [0, 1]. (Patients never span sources, so this also holds for patient-clustered data
+    to the extent per-source DeLong does.)
+    """
+    y, s, src = _check_sources(y_true, scores, sources)
+    z = _z(level)
+    per_source = []
+    for key in _source_order(src):
+        mask = src == key
+        ys = y[mask]
+        n_pos = int(ys.sum())
+        n_neg = len(ys) - n_pos
+        row = {"source": str(key), "n": int(mask.sum()), "n_positive": n_pos, "n_negative": n_neg,
+               "pairs": n_pos * n_neg, "auc": None, "ci_low": None, "ci_high": None, "used": False}
+        if n_pos and n_neg:
+            auc, var = delong_variance(ys, s[mask])
+            half = z * np.sqrt(var)
+            row.update(auc=auc, ci_low=max(0.0, auc - half), ci_high=min(1.0, auc + half), used=True,
+                       _var=var)
+        per_source.append(row)
+    used = [r for r in per_source if r["used"]]
+    total = sum(r["pairs"] for r in used)
+    if not total:
+        value = lo = hi = float("nan")
+    else:
+        value = sum(r["auc"] * r["pairs"] for r in used) / total
+        var = sum((r["pairs"] / total) ** 2 * r["_var"] for r in used)
+        half = z * np.sqrt(var)
+        lo, hi = max(0.0, value - half), min(1.0, value + half)
+    for r in per_source:
+        r.pop("_var", None)
+    return {
+        "value": _none_if_nan(value), "ci_low": _none_if_nan(lo), "ci_high": _none_if_nan(hi),
+        "method": "within-source AUC: pair-weighted mean of per-source AUCs, variance sum of w^2 x DeLong",
+        "pairs": int(total), "sources_used": [r["source"] for r in used],
+        "sources_ignored": [r["source"] for r in per_source if not r["used"]], "per_source": per_source,
+    }
+
+
+def _check_sources(y_true, scores, sources):
+    y, s = check_binary(y_true, scores)
+    src = np.asarray(sources, dtype=object)
+    if src.shape != y.shape:
+        raise CovidCXRError(f"sources must give one value per image ({len(src)} vs {len(y)})")
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in src):
+        raise CovidCXRError("sources contain missing values; every image needs a source")
+    return y, s, src.astype(str)
+
+
+def _source_order(src: np.ndarray) -> list[str]:
+    return sorted(set(src.tolist()))
+
+
+def _none_if_nan(v):
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+# ---------------------------------------------------------------- proportions / bootstrap
+
+
+def wilson_ci(successes: int, n: int, *, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (nan, nan) when n == 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z = _z(level)
+    p = successes / n
+    denom = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def cluster_indices(clusters) -> list[np.ndarray]:
+    """Row indices of each cluster (e.g. each patient), in first-appearance order."""
+    arr = np.asarray(clusters, dtype=object).astype(str)
+    _, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    groups = [[] for _ in range(len(first))]
+    for i, g in enumerate(inverse):
+        groups[g].append(i)
+    return [np.asarray(groups[g]) for g in order]
+
+
+def bootstrap_samples(n: int, *, clusters=None, n_boot: int = DEFAULT_N_BOOT, seed: int = 0):
+    """Yield index arrays of bootstrap resamples (of images, or of whole clusters when given)."""
+    rng = np.random.default_rng(seed)
+    if clusters is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n, n)
+        return
+    groups = cluster_indices(clusters)
+    if sum(len(g) for g in groups) != n:
+        raise CovidCXRError(f"clusters must give one value per image (got {sum(len(g) for g in groups)} for {n})")
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(groups), len(groups))
+        yield np.concatenate([groups[k] for k in pick])
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *, clusters=None, n_boot: int = DEFAULT_N_BOOT,
+                 level: float = DEFAULT_LEVEL, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic(indices)``; resamples where it is undefined (NaN) are dropped."""
+    _z(level)
+    values = np.array([statistic(idx) for idx in bootstrap_samples(n, clusters=clusters, n_boot=n_boot, seed=seed)],
+                      dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < max(10, n_boot // 10):
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+# ---------------------------------------------------------------- binary metrics at a threshold
+
+
+def confusion_counts(y_true, y_pred) -> dict:
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(y_pred).astype(int)
+    return {"tp": int(((y == 1) & (p == 1)).sum()), "fp": int(((y == 0) & (p == 1)).sum()),
+            "tn": int(((y == 0) & (p == 0)).sum()), "fn": int(((y == 1) & (p == 0)).sum())}
+
+
+# name -> (successes, trials) from confusion counts: the Wilson-interval metrics
+_PROPORTIONS: dict[str, Callable[[dict], tuple[int, int]]] = {
+    "sensitivity": lambda c: (c["tp"], c["tp"] + c["fn"]),
+    "specificity": lambda c: (c["tn"], c["tn"] + c["fp"]),
+    "ppv": lambda c: (c["tp"], c["tp"] + c["fp"]),
+    "npv": lambda c: (c["tn"], c["tn"] + c["fn"]),
+    "accuracy": lambda c: (c["tp"] + c["tn"], c["tp"] + c["tn"] + c["fp"] + c["fn"]),
+}
+
+
+def _ratio(k: int, n: int) -> float:
+    return k / n if n else float("nan")
+
+
+def _point(name: str, y: np.ndarray, p: np.ndarray) -> float:
+    c = confusion_counts(y, p)
+    if name in _PROPORTIONS:
+        return _ratio(*_PROPORTIONS[name](c))
+    if name == "balanced_accuracy":
+        sens, spec = _ratio(*_PROPORTIONS["sensitivity"](c)), _ratio(*_PROPORTIONS["specificity"](c))
+        return (sens + spec) / 2
+    if name == "f1":
+        denom = 2 * c["tp"] + c["fp"] + c["fn"]
+        return 2 * c["tp"] / denom if denom else float("nan")
+    raise KeyError(name)
+
+
+THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "balanced_accuracy", "f1")
+
+
+def binary_metrics(y_true, scores, threshold: float, *, level: float = DEFAULT_LEVEL, clusters=None,
+                   n_boot: int = DEFAULT_N_BOOT, seed: int = 0, prevalence: float | None = None) -> dict:
+    """All binary metrics with CIs: AUC (DeLong), metrics at ``threshold`` (score >= threshold is positive).
+
+    Proportions get Wilson intervals, F1 and balanced accuracy a bootstrap; with ``clusters`` every
+    interval is a cluster bootstrap. ``prevalence`` adds PPV / NPV re-computed for that prevalence.
+    """
+    y, s = check_binary(y_true, scores)
+    if not np.isfinite(threshold):
+        raise CovidCXRError(f"threshold {threshold}: must be a finite number")
+    pred = (s >= threshold).astype(int)
+    counts = confusion_counts(y, pred)
+    out: dict = {"n": int(len(y)), "n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum()),
+                 "threshold": float(threshold), "confusion": counts}
+    if counts["tp"] + counts["fn"] and counts["tn"] + counts["fp"]:
+        out["auc"] = auc_ci(y, s, level=level, clusters=clusters, n_boot=n_boot, seed=seed).to_dict()
+    else:
+        out["auc"] = Estimate(float("nan"), float("nan"), float("nan"), "undefined: one class only", len(y)).to_dict()
+    for name in THRESHOLD_METRICS:
+        value = _point(name, y, pred)
+        if clusters is None and name in _PROPORTIONS:
+            k, n = _PROPORTIONS[name](counts)
+            lo, hi = wilson_ci(k, n, level=level)
+            est = Estimate(value, lo, hi, "Wilson", n)
+        else:
+            lo, hi = bootstrap_ci(lambda idx, nm=name: _point(nm, y[idx], pred[idx]), len(y), clusters=clusters,
+                                  n_boot=n_boot, level=level, seed=seed)
+            method = "cluster bootstrap (patients)" if clusters is not None else "bootstrap"
+            est = Estimate(value, lo, hi, method, len(y))
+        out[name] = est.to_dict()
+    if prevalence is not None:
+        out["at_prevalence"] = predictive_values_at_prevalence(out["sensitivity"], out["specificity"], prevalence)
+    return out
+
+
+def predictive_values_at_prevalence(sensitivity: dict, specificity: dict, prevalence: float) -> dict:
+    """PPV / NPV for a target prevalence by Bayes' rule from sensitivity and specificity.
+
+    CIs: PPV rises with both sensitivity and specificity and NPV too, so evaluating the formula at the
+    sensitivity / specificity CI bounds gives a (conservative) interval.
+    """
+    if not 0 < prevalence < 1:
+        raise CovidCXRError(f"prevalence {prevalence}: must be strictly between 0 and 1")
+
+    def ppv(se, sp):
+        d = se * prevalence + (1 - sp) * (1 - prevalence)
+        return se * prevalence / d if d else float("nan")
+
+    def npv(se, sp):
+        d = sp * (1 - prevalence) + (1 - se) * prevalence
+        return sp * (1 - prevalence) / d if d else float("nan")
+
+    se, sp = sensitivity["value"], specificity["value"]
+    if se is None or sp is None:
+        return {"prevalence": prevalence, "ppv": None, "npv": None}
+    se_lo, se_hi = sensitivity["ci_low"] or se, sensitivity["ci_high"] or se
+    sp_lo, sp_hi = specificity["ci_low"] or sp, specificity["ci_high"] or sp
+    method = "Bayes from sensitivity/specificity; CI from their CI bounds"
+    return {
+        "prevalence": prevalence,
+        "ppv": Estimate(ppv(se, sp), ppv(se_lo, sp_lo), ppv(se_hi, sp_hi), method).to_dict(),
+        "npv": Estimate(npv(se, sp), npv(se_lo, sp_lo), npv(se_hi, sp_hi), method).to_dict(),
+    }
+
+
+# ---------------------------------------------------------------- multi-class
+
+
+def multiclass_metrics(y_true: Sequence[str], probs: np.ndarray, classes: Sequence[str], *,
+                       y_pred: Sequence[str] | None = None, level: float = DEFAULT_LEVEL, clusters=None,
+                       n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict:
+    """One-vs-rest AUCs (DeLong CIs), macro AUC (bootstrap CI), accuracy and the confusion matrix."""
+    classes = list(classes)
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true, dtype=object).astype(str)
+    if probs.shape != (len(y), len(classes)):
+        raise CovidCXRError(f"probabilities have shape {probs.shape}; expected ({len(y)}, {len(classes)})")
+    unknown = sorted(set(y) - set(classes))
+    if unknown:
+        raise CovidCXRError(f"labels {unknown} are not among the model's classes {classes}")
+    pred = np.asarray(y_pred, dtype=object).astype(str) if y_pred is not None else np.asarray(classes)[probs.argmax(1)]
+    y_idx = np.array([classes.index(v) for v in y])
+    per_class = {}
+    present = []
+    for k, name in enumerate(classes):
+        yk = (y_idx == k).astype(int)
+        if 0 < yk.sum() < len(yk):
+            per_class[name] = auc_ci(yk, probs[:, k], level=level, clusters=clusters, n_boot=n_boot, seed=seed).to_dict()
+            present.append(k)
+        else:
+            per_class[name] = None
+
+    def macro(idx):
+        vals = [_safe_auc((y_idx[idx] == k).astype(int), probs[idx, k]) for k in present]
+        return float(np.mean(vals)) if vals and np.all(np.isfinite(vals)) else np.nan
+
+    macro_value = macro(np.arange(len(y))) if present else float("nan")
+    lo, hi = bootstrap_ci(macro, len(y), clusters=clusters, n_boot=n_boot, level=level, seed=seed) if present else (np.nan, np.nan)
+    correct = int((pred == y).sum())
+    acc_lo, acc_hi = wilson_ci(correct, len(y), level=level)
+    return {
+        "classes": classes,
+        "auc_ovr": per_class,
+        "macro_auc": Estimate(macro_value, lo, hi, "bootstrap", len(y)).to_dict(),
+        "accuracy": Estimate(correct / len(y) if len(y) else np.nan, acc_lo, acc_hi, "Wilson", len(y)).to_dict(),
+        "confusion_matrix": {"labels": classes,
+                             "matrix": skm.confusion_matrix(y, pred, labels=classes).tolist()},
+    }
