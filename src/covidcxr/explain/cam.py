@@ -1,0 +1,182 @@
+"""Class activation maps (Grad-CAM family) for any covidcxr run, ensembles included.
+
+The CAM algorithms come from the ``grad-cam`` library (``pytorch_grad_cam``); this module only
+decides *which* model, layer and class they look at:
+
+* the target layer is the architecture's default (``Architecture.cam_layer``) or a module name;
+* the target class is the run's positive class (e.g. ``covid``), a named class, or the predicted one;
+* an ensemble's map is the average of its members' maps, each computed on the member's own layer;
+* :func:`to_original_geometry` maps a map computed at the model input size back onto the stored
+  image, undoing the letterbox padding when the run was trained with ``resize="letterbox"``.
+
+Every map is the library's output: non-negative, min-max scaled to [0, 1] per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from covidcxr.data.preprocess import PreprocessSpec
+from covidcxr.errors import ConfigError
+from covidcxr.models.registry import get_architecture
+from covidcxr.models.run import EnsembleModel, LoadedRun, read_run_record
+
+
+def _cam_classes() -> dict[str, type]:
+    import pytorch_grad_cam as pgc
+
+    return {
+        "gradcam": pgc.GradCAM,
+        "gradcam++": pgc.GradCAMPlusPlus,
+        "hirescam": pgc.HiResCAM,
+        "scorecam": pgc.ScoreCAM,
+        "eigencam": pgc.EigenCAM,
+        "layercam": pgc.LayerCAM,
+        "xgradcam": pgc.XGradCAM,
+        "eigengradcam": pgc.EigenGradCAM,
+    }
+
+
+#: Names accepted by ``method=`` (lower case), mapped to pytorch_grad_cam classes on first use.
+METHODS = ("gradcam", "gradcam++", "hirescam", "scorecam", "eigencam", "layercam", "xgradcam", "eigengradcam")
+
+
+def cam_class(method: str) -> type:
+    """The pytorch_grad_cam class registered as ``method``."""
+    classes = _cam_classes()
+    key = method.lower().replace("_", "").replace("-", "")
+    key = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++"}.get(key, key)
+    if key not in classes:
+        raise ConfigError(f"CAM method {method!r}: choose one of {', '.join(METHODS)}")
+    return classes[key]
+
+
+def canonical_method(method: str) -> str:
+    cls = cam_class(method)
+    return next(name for name, c in _cam_classes().items() if c is cls)
+
+
+@dataclass
+class CamModel:
+    """One network whose CAM is computed: the model, its architecture name and its target layer name."""
+
+    model: nn.Module
+    architecture: str
+    layer: str
+    weight: float = 1.0  # share in the ensemble average
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ConfigError("target layer is not a sub-module of the model")
+
+
+def resolve_layer(model: nn.Module, architecture: str, layer: str | None = None) -> str:
+    """Name of the target layer: ``layer`` if given (checked), else the architecture's CAM layer."""
+    if layer:
+        try:
+            model.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, m in model.named_modules() if n and len(list(m.children())) > 0][-8:]
+            raise ConfigError(f"layer {layer!r} is not a module of {architecture}; e.g. {', '.join(names)}") from None
+        return layer
+    return module_name(model, get_architecture(architecture).cam_layer(model))
+
+
+def cam_models(run: LoadedRun, layer: str | None = None) -> list[CamModel]:
+    """The networks of a run, flattened through ensembles, each with its target layer."""
+    return _flatten(run.model, run.record, Path(run.run_dir), layer, 1.0)
+
+
+def _flatten(model: nn.Module, record: dict, run_dir: Path, layer: str | None, weight: float) -> list[CamModel]:
+    if isinstance(model, EnsembleModel):
+        paths = record.get("members") or []
+        if len(paths) != len(model.members):
+            raise ConfigError(f"{run_dir}: run.json lists {len(paths)} members but the model has {len(model.members)}")
+        out = []
+        for member, rel in zip(model.members, paths):
+            member_dir = run_dir / rel
+            out += _flatten(member, read_run_record(member_dir), member_dir, layer, weight / len(paths))
+        return out
+    arch = record["architecture"]
+    return [CamModel(model=model, architecture=arch, layer=resolve_layer(model, arch, layer), weight=weight)]
+
+
+def class_index(run: LoadedRun, target_class: str | None) -> int | None:
+    """Index of the class to explain: ``target_class``, else the positive class, else None (= predicted)."""
+    if target_class is not None:
+        if target_class not in run.classes:
+            raise ConfigError(f"target class {target_class!r}: the run's classes are {run.classes}")
+        return run.classes.index(target_class)
+    return run.positive_index
+
+
+def compute_cams(run: LoadedRun, inputs: torch.Tensor, *, method: str = "gradcam", target_class: str | None = None,
+                 layer: str | None = None, batch_size: int = 8, models: list[CamModel] | None = None,
+                 class_indices: list[int] | None = None) -> np.ndarray:
+    """CAMs of preprocessed ``inputs`` (N x C x S x S) -> float32 N x S x S in [0, 1].
+
+    ``class_indices`` (one per input) overrides ``target_class``; otherwise the target class is the
+    named class, else the run's positive class, else each image's predicted class.
+    ``models`` lets a caller pass :func:`cam_models` of a modified (e.g. randomised) copy of the run.
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    if inputs.ndim != 4:
+        raise ConfigError(f"inputs must be N x C x S x S, got shape {tuple(inputs.shape)}")
+    if class_indices is None:
+        idx = class_index(run, target_class)
+        if idx is None:
+            class_indices = [int(k) for k in run.predict_tensor(inputs).argmax(1)]
+        else:
+            class_indices = [idx] * len(inputs)
+    models = models if models is not None else cam_models(run, layer)
+    cls = cam_class(method)
+    total = np.zeros((len(inputs), inputs.shape[-2], inputs.shape[-1]), dtype=np.float32)
+    for cm in models:
+        cm.model.eval()
+        cam = cls(model=cm.model, target_layers=[cm.model.get_submodule(cm.layer)])
+        cam.batch_size = batch_size  # ScoreCAM: forward passes per batch
+        try:
+            with torch.enable_grad():
+                for i in range(0, len(inputs), batch_size):
+                    targets = [ClassifierOutputTarget(k) for k in class_indices[i : i + batch_size]]
+                    batch = inputs[i : i + batch_size].to(next(cm.model.parameters()).device)
+                    total[i : i + batch_size] += cm.weight * cam(input_tensor=batch, targets=targets)
+        finally:
+            cam.activations_and_grads.release()
+    if len(models) > 1:
+        total = _rescale(total)
+    return total
+
+
+def _rescale(maps: np.ndarray) -> np.ndarray:
+    # Same per-image min-max scaling the library applies to a single model's map.
+    lo = maps.reshape(len(maps), -1).min(1)[:, None, None]
+    hi = maps.reshape(len(maps), -1).max(1)[:, None, None]
+    return ((maps - lo) / np.maximum(hi - lo, 1e-7)).astype(np.float32)
+
+
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the image inside a letterboxed size x size input (as ``resize_square`` pads)."""
+    scale = size / max(height, width)
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    return (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
+def to_original_geometry(cam: np.ndarray, shape: tuple[int, int], spec: PreprocessSpec) -> np.ndarray:
+    """Map an S x S map (model input geometry) onto the H x W stored image the input came from."""
+    h, w = int(shape[0]), int(shape[1])
+    cam = np.asarray(cam, dtype=np.float32)
+    if spec.resize == "letterbox":
+        top, left, nh, nw = letterbox_box(h, w, cam.shape[0])
+        cam = cam[top : top + nh, left : left + nw]
+    return np.clip(cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)

@@ -1,0 +1,191 @@
+"""``covidcxr explain RUN_DIR IMAGES...``: heatmap overlays, per-image JSON, contact sheet, summary.
+
+Output layout (``out`` defaults to ``RUN_DIR/explain``; the evaluation report renders its gallery
+from ``RUN_DIR/explain/summary.json``; the schema is documented in ``docs/explain.md``)::
+
+    out/<stem>_<method>.png   overlay with colour bar (lung outline drawn where a mask exists)
+    out/<stem>.json           probabilities, predicted label, target class, lung focus, ROAD
+    out/contact_sheet.png     all overlays as thumbnails
+    out/summary.json          one entry per image + skipped files + lung-focus summary
+
+Unreadable images are skipped and listed with the reason; the rest go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from covidcxr import paths
+from covidcxr.data.preprocess import preprocess
+from covidcxr.errors import CovidCXRError
+from covidcxr.explain.annotations import Annotations
+from covidcxr.explain.cam import (cam_models, canonical_method, class_index, compute_cams, to_original_geometry)
+from covidcxr.explain.lung_focus import lung_focus, summarise_lung_focus
+from covidcxr.explain.overlay import DEFAULT_ALPHA, DEFAULT_CMAP, SheetItem, save_contact_sheet, save_overlay, thumbnail
+from covidcxr.models.run import LoadedRun, load_run, write_json
+
+SUMMARY_FORMAT = "covidcxr-explain/1"
+CONTACT_SHEET = "contact_sheet.png"
+SUMMARY_JSON = "summary.json"
+
+
+def default_annotations() -> Annotations | None:
+    """The shared data root's annotations, or None where there are none."""
+    folder = paths.data_root() / "annotations"
+    return Annotations(folder) if (folder / "index.csv").is_file() else None
+
+
+def open_annotations(annotations: str | Path | Annotations | None) -> Annotations | None:
+    if isinstance(annotations, Annotations):
+        return annotations
+    if annotations is None:
+        return default_annotations()
+    return Annotations(annotations)
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    # Two inputs called x.jpg in different folders must not overwrite each other's outputs.
+    stem, k = path.stem, 2
+    while stem in used:
+        stem, k = f"{path.stem}_{k}", k + 1
+    used.add(stem)
+    return stem
+
+
+def read_images(paths_: Sequence[str | Path]):
+    """Yield (path, XRay | None, reason | None) without stopping at a bad file."""
+    from covidcxr.data.io import read_xray
+    from covidcxr.errors import ImageReadError
+
+    for p in paths_:
+        try:
+            yield Path(p), read_xray(p), None
+        except ImageReadError as exc:
+            yield Path(p), None, exc.reason
+
+
+def progress_bar():
+    """Rich progress: steps done / total, throughput and ETA (shared by all explain commands)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    class Rate(TextColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return super().render(task) if speed is None else TextColumn(f"{speed:.2f} img/s").render(task)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(""),
+                    TimeRemainingColumn(), transient=True)
+
+
+def explain_images(run_dir: str | Path, images: Sequence[str | Path], *, method: str = "gradcam",
+                   out: str | Path | None = None, target_class: str | None = None, layer: str | None = None,
+                   batch_size: int = 8, annotations: str | Path | Annotations | None = None, road: bool = False,
+                   cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA, device: str = "cpu",
+                   run: LoadedRun | None = None) -> dict:
+    """Explain ``images`` with ``method`` and write overlays + JSON into ``out``; returns the summary."""
+    if not images:
+        raise CovidCXRError("no images given; pass image files (PNG / JPEG / DICOM ...) to explain")
+    method = canonical_method(method)
+    run = run if run is not None else load_run(run_dir, device=device)
+    out = Path(out) if out is not None else Path(run_dir) / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    ann = open_annotations(annotations)
+    models = cam_models(run, layer)
+    fixed_class = class_index(run, target_class)
+    entries, skipped, sheet, focus, used = [], [], [], [], set()
+    todo = list(images)
+    with progress_bar() as bar:
+        task = bar.add_task(f"{method} heatmaps", total=len(todo))
+        for start in range(0, len(todo), batch_size):
+            batch = []
+            for path, xray, reason in read_images(todo[start : start + batch_size]):
+                if xray is None:
+                    skipped.append({"image": str(path), "reason": reason})
+                else:
+                    batch.append((path, xray))
+            if batch:
+                inputs = torch.stack([preprocess(x.pixels, run.spec) for _, x in batch])
+                probs = run.predict_tensor(inputs)
+                targets = [fixed_class if fixed_class is not None else int(k) for k in probs.argmax(1)]
+                cams = compute_cams(run, inputs, method=method, models=models, class_indices=targets,
+                                    batch_size=batch_size)
+                roads = _road(run, inputs, cams, targets) if road else None
+                labels = run.decide(probs)
+                for i, (path, xray) in enumerate(batch):
+                    entry, item, lf = _explain_one(run, out, method, path, xray, cams[i], probs[i], labels[i],
+                                                   targets[i], ann, used, cmap, alpha,
+                                                   {k: float(v[i]) for k, v in roads.items()} if roads else None)
+                    entries.append(entry)
+                    sheet.append(item)
+                    focus.append(lf)
+            bar.advance(task, len(todo[start : start + batch_size]))
+    if entries:
+        save_contact_sheet(out / CONTACT_SHEET, sheet, cmap=cmap, alpha=alpha,
+                           title=f"{method} for class '{_target_name(run, fixed_class)}' - {Path(run_dir).name}")
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "run_dir": str(run_dir),
+        "model_sha256": run.model_sha256,
+        "method": method,
+        "target_class": _target_name(run, fixed_class),
+        "target_layers": {cm.architecture: cm.layer for cm in models},
+        "classes": run.classes,
+        "positive_class": run.positive_class,
+        "threshold": run.threshold,
+        "contact_sheet": CONTACT_SHEET if entries else None,
+        "images": entries,
+        "skipped": skipped,
+        "lung_focus_summary": summarise_lung_focus([f for f in focus if f is not None]),
+        "road_summary": _road_summary(entries) if road else None,
+    }
+    write_json(out / SUMMARY_JSON, summary)
+    return summary
+
+
+def _target_name(run: LoadedRun, idx: int | None) -> str:
+    return run.classes[idx] if idx is not None else "predicted"
+
+
+def _road(run: LoadedRun, inputs, cams, targets) -> dict:
+    from covidcxr.explain.faithfulness import road_scores
+
+    return road_scores(run.model, inputs.to(run.device), cams, targets)
+
+
+def _road_summary(entries: list[dict]) -> dict:
+    keys = ("morf", "lerf", "combined")
+    return {f"mean_{k}": float(np.mean([e["road"][k] for e in entries])) for k in keys} if entries else {}
+
+
+def _explain_one(run, out, method, path, xray, cam, probs, label, target, ann, used, cmap, alpha, road):
+    stem = _unique_stem(path, used)
+    heat = to_original_geometry(cam, xray.pixels.shape, run.spec)
+    region = ann.lung_region(path, xray.pixels.shape) if ann is not None else None
+    lf = lung_focus(heat, region) if region is not None else None
+    prob = {c: float(p) for c, p in zip(run.classes, probs)}
+    target_name = run.classes[target]
+    title = f"{path.name}\n{method} for '{target_name}' | p({target_name})={prob[target_name]:.2f} | predicted {label}"
+    overlay = save_overlay(out / f"{stem}_{method}.png", xray.pixels, heat, title=title, cmap=cmap, alpha=alpha,
+                           lung=region.lung if region is not None else None)
+    entry = {
+        "image": str(path),
+        "overlay": overlay.name,
+        "json": f"{stem}.json",
+        "probabilities": prob,
+        "predicted_label": label,
+        "target_class": target_name,
+        "lung_focus": lf,
+        "road": road,
+    }
+    write_json(out / f"{stem}.json", {**entry, "method": method, "run_dir": str(run.run_dir),
+                                     "threshold": run.threshold})
+    caption = f"{stem[:22]}\n{label} p={prob[target_name]:.2f}"
+    if lf is not None:
+        caption += f" lung {lf['mass_share']:.0%}"
+    item = SheetItem(thumbnail(xray.pixels, 192), thumbnail(heat, 192), caption,
+                     thumbnail(region.lung.astype(np.float32), 192) > 0.5 if region is not None else None)
+    return entry, item, lf
