@@ -37,7 +37,22 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- data cache (image-io engineer)
-# (data cache command goes here)
+@data_app.command("cache")
+def data_cache(
+    manifest: Path = typer.Argument(..., help="Manifest CSV; its `image` paths resolve against the CSV's folder."),
+    working_size: int = typer.Option(512, "--working-size", help="Longer side of the cached images (px, never enlarged)."),
+    workers: int = typer.Option(1, "--workers", help="Decoding threads."),
+    allow_non_frontal: bool = typer.Option(False, "--allow-non-frontal", help="Also cache CT / lateral DICOMs."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Decode every image of MANIFEST once and store it at working size ($COVIDCXR_CACHE_DIR)."""
+    from covidcxr.data.cache import warm_manifest
+
+    report = warm_manifest(manifest, working_size=working_size, workers=workers,
+                           allow_non_frontal=allow_non_frontal, progress=progress)
+    for path, reason in report.skipped:
+        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
+    console.print(report.summary(), highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- train (issue: training)
