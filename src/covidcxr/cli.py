@@ -33,7 +33,59 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- data import / split / audit (manifest engineer)
-# (data import / split / audit commands go here)
+@data_app.command("import")
+def data_import(
+    format: str = typer.Argument(..., help="Layout: covidcxr, ieee8023 (also Figure1 / Actualmed), folders, covidx, dicom."),
+    path: Path = typer.Argument(..., help="Downloaded data set folder (or its metadata / manifest / label file)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest CSV to write; skipped files go to <out>.skipped.csv."),
+    label_map: Optional[Path] = typer.Option(None, "--label-map", help="YAML rules mapping findings to labels (overrides defaults)."),
+    source: Optional[str] = typer.Option(None, "--source", help="Source name for the 'source' column (default: folder name)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="dicom: labels CSV (default PATH/labels.csv)."),
+    check_images: bool = typer.Option(True, "--check-images/--no-check-images", help="Decode every image (slower, catches bad files)."),
+) -> None:
+    """Turn a downloaded data set into a covidcxr manifest; report every skipped file and why."""
+    from covidcxr.data.importers import import_dataset
+
+    options = {k: v for k, v in {"source": source, "labels": labels}.items() if v is not None}
+    result = import_dataset(format, path, out=out, label_map=label_map, check_images=check_images, **options)
+    result.render(console)
+    console.print(f"wrote {out}")
+
+
+@data_app.command("split")
+def data_split(
+    manifest: Path = typer.Argument(..., help="Manifest CSV."),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest CSV to write, with 'split' (and 'fold') filled in."),
+    val: float = typer.Option(0.15, "--val", help="Fraction of images for validation."),
+    test: float = typer.Option(0.15, "--test", help="Fraction of images for the internal test split."),
+    seed: int = typer.Option(0, "--seed"),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Add a patient-grouped 'fold' column (0..K-1) over train+val."),
+    holdout_source: List[str] = typer.Option([], "--holdout-source", help="Put a whole source in split 'external' (repeatable; "
+                                             "source or patient-id prefix, e.g. kermany)."),
+) -> None:
+    """Patient-grouped, label x source stratified train / val / test (+ folds, + held-out sources)."""
+    from covidcxr.data.splits import split_file, split_summary
+
+    result = split_file(manifest, out, val=val, test=test, seed=seed, folds=folds, holdout_sources=holdout_source)
+    console.print(split_summary(result).to_string())
+    console.print(f"wrote {out}")
+
+
+@data_app.command("audit")
+def data_audit(
+    manifest: Path = typer.Argument(..., help="Manifest CSV."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report as JSON."),
+    strict: bool = typer.Option(False, "--strict", help="Near-duplicates across splits / sources and unreadable images are errors."),
+    max_distance: int = typer.Option(24, "--max-distance", help="pHash distance (of 256 bits) at or below which images are near-duplicates."),
+    duplicates: bool = typer.Option(True, "--duplicates/--no-duplicates", help="Hash images to find near-duplicates."),
+) -> None:
+    """Check a manifest for patient leakage, near-duplicates and source / demographic shortcuts. Exit 1 on errors."""
+    from covidcxr.data.audit import audit_file
+
+    report = audit_file(manifest, json_out=json_out, strict=strict, max_distance=max_distance, duplicates=duplicates)
+    report.render(console)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------- data cache (image-io engineer)

@@ -87,14 +87,20 @@ class LabelSpace:
         """Class name per row (same index as ``table``); ``None`` for excluded rows."""
         if self._builtin is not None:
             return self._builtin(table)
+        out, decided = self.apply_rules(table)
+        out[~decided] = self.default
+        return pd.Series(out, index=table.index, dtype=object, name="class")
+
+    def apply_rules(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """``(classes, decided)``: the first matching rule's class per row (``None`` = a rule that
+        excludes the row) and whether any rule matched. Importers use it to override their defaults."""
         out = np.full(len(table), None, dtype=object)
         decided = np.zeros(len(table), dtype=bool)
         for rule in self.rules:
             hit = rule.matches(table) & ~decided
             out[hit] = rule.target
             decided |= hit
-        out[~decided] = self.default
-        return pd.Series(out, index=table.index, dtype=object, name="class")
+        return out, decided
 
     def targets(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """``(keep, y)``: boolean mask of included rows and their integer class indices."""

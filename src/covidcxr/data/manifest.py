@@ -135,7 +135,8 @@ class Manifest:
                 raise ManifestError(f"{path}: writing Parquet needs pyarrow; write a .csv instead") from exc
             atomic_write_bytes(path, buf.getvalue())
         else:
-            atomic_write_bytes(path, table.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+            data = table.to_csv(index=False, lineterminator="\n", float_format="%.10g")
+            atomic_write_bytes(path, data.encode("utf-8"))
         return path
 
     # ------------------------------------------------------------------ access

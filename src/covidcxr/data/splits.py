@@ -134,3 +134,10 @@ def split_summary(manifest: Manifest) -> pd.DataFrame:
     labels = t.groupby("split")["label"].value_counts().unstack(fill_value=0)
     out = pd.DataFrame({"images": t.groupby("split").size(), "patients": t.groupby("split")["patient_id"].nunique()})
     return out.join(labels).reindex(order).fillna(0).astype(int)
+
+
+def split_file(manifest_path, out, **kwargs) -> Manifest:
+    """Read a manifest, :func:`assign_splits` it (``kwargs``) and write the result to ``out``."""
+    manifest = assign_splits(Manifest.read(manifest_path), **kwargs)
+    manifest.write(out)
+    return manifest
