@@ -112,7 +112,53 @@ def data_cache(
 
 
 # ---------------------------------------------------------------- evaluate / report / compare (issue: evaluation)
-# (evaluate, report, compare commands go here)
+@app.command("evaluate")
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Run directory (run.json + model)."),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Manifest CSV with a 'split' column."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate (test, external, val: val is flagged as optimistic)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Also report metrics per value of this column (e.g. source)."),
+    prevalence: Optional[float] = typer.Option(None, "--prevalence", help="Add PPV / NPV at this prevalence (e.g. 0.05)."),
+    readers: Optional[Path] = typer.Option(None, "--readers", help="CSV with columns image, reader, call: compare readers with the model."),
+    patient_bootstrap: bool = typer.Option(False, "--patient-bootstrap", help="CIs by resampling patients instead of images."),
+    temperature_scaling: bool = typer.Option(False, "--temperature-scaling", help="Fit temperature on the manifest's val rows (stored in the run), report calibrated ECE."),
+    label_space: Optional[str] = typer.Option(None, "--label-space", help="Override the run's label space (name or YAML)."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for bootstrap CIs."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/eval/<split>)."),
+) -> None:
+    """Metrics with 95% CIs (DeLong AUC, within-source AUC, Wilson proportions), predictions.csv and plots."""
+    from covidcxr.evaluation.evaluate import evaluate_run, render_summary
+
+    result = evaluate_run(run_dir, manifest, split=split, by=by, prevalence=prevalence, out=out, readers=readers,
+                          patient_bootstrap=patient_bootstrap, temperature_scaling=temperature_scaling,
+                          label_space=label_space, n_boot=n_boot, batch_size=batch_size)
+    render_summary(result, console)
+
+
+@app.command("compare")
+def compare(
+    run_a: Path = typer.Argument(..., help="First run directory."),
+    run_b: Path = typer.Argument(..., help="Second run directory."),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Manifest CSV with a 'split' column."),
+    split: str = typer.Option("test", "--split"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the comparison as JSON."),
+) -> None:
+    """Paired DeLong test of the AUC difference and McNemar at each run's stored threshold, on the same images."""
+    from covidcxr.evaluation.compare import compare_runs, render_comparison
+
+    render_comparison(compare_runs(run_a, run_b, manifest, split=split, out=out), console)
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory (evaluate it first for metrics and plots)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default RUN_DIR/report.html)."),
+) -> None:
+    """One self-contained HTML report: data audit, training curves, metrics with CIs, plots, model card, heatmaps."""
+    from covidcxr.evaluation.report import build_report
+
+    console.print(f"wrote {build_report(run_dir, out)}")
 
 
 # ---------------------------------------------------------------- explain (issue: explainability)

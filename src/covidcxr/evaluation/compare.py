@@ -1,0 +1,195 @@
+"""Paired comparisons on the same images: model vs model (DeLong + McNemar), model vs readers.
+
+McNemar uses the exact binomial test when the discordant count is below 25 (where the chi-square
+approximation is poor), otherwise chi-square with continuity correction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from covidcxr.errors import CovidCXRError
+from covidcxr.evaluation.metrics import DEFAULT_LEVEL, confusion_counts, delong_test, wilson_ci
+
+EXACT_BELOW = 25
+
+#: reader calls accepted as positive / negative (plus the class names of the model)
+POSITIVE_CALLS = {"1", "positive", "pos", "yes", "true"}
+NEGATIVE_CALLS = {"0", "negative", "neg", "no", "false"}
+
+
+def mcnemar_test(correct_a, correct_b) -> dict:
+    """McNemar test on paired correctness: b = only A right, c = only B right."""
+    a = np.asarray(correct_a, dtype=bool)
+    b_ = np.asarray(correct_b, dtype=bool)
+    if a.shape != b_.shape:
+        raise CovidCXRError(f"McNemar needs paired results on the same images ({len(a)} vs {len(b_)})")
+    b = int((a & ~b_).sum())
+    c = int((~a & b_).sum())
+    n = b + c
+    if n == 0:
+        p, stat, method = 1.0, 0.0, "no discordant pairs"
+    elif n < EXACT_BELOW:
+        p = float(stats.binomtest(b, n, 0.5).pvalue)
+        stat, method = float(b), "exact binomial"
+    else:
+        stat = (abs(b - c) - 1) ** 2 / n
+        p = float(stats.chi2.sf(stat, 1))
+        method = "chi-square, continuity corrected"
+    return {"only_a_correct": b, "only_b_correct": c, "both_correct": int((a & b_).sum()),
+            "both_wrong": int((~a & ~b_).sum()), "statistic": float(stat), "p_value": p, "method": method}
+
+
+def compare_predictions(y_true, score_a, score_b, pred_a, pred_b, *, level: float = DEFAULT_LEVEL) -> dict:
+    """AUC difference (paired DeLong) and McNemar on decisions at each model's stored threshold."""
+    y = np.asarray(y_true).astype(int)
+    result = {"delong": delong_test(y, score_a, score_b, level=level),
+              "mcnemar": mcnemar_test(np.asarray(pred_a) == y, np.asarray(pred_b) == y)}
+    result["accuracy_a"] = float((np.asarray(pred_a) == y).mean())
+    result["accuracy_b"] = float((np.asarray(pred_b) == y).mean())
+    return result
+
+
+def parse_calls(calls: pd.Series, positive_class: str, classes, *, name: str = "reads") -> np.ndarray:
+    """Reader calls -> 0/1 (positive = the positive class name or 1/positive/yes/true)."""
+    out = np.zeros(len(calls), dtype=int)
+    classes = [str(c).lower() for c in classes]
+    for i, (idx, raw) in enumerate(calls.items()):
+        v = str(raw).strip().lower()
+        if v == positive_class.lower() or v in POSITIVE_CALLS:
+            out[i] = 1
+        elif v in classes or v in NEGATIVE_CALLS:
+            out[i] = 0
+        else:
+            raise CovidCXRError(f"{name}: row {idx + 2}: call {raw!r} is not one of {sorted(set(classes))} "
+                                f"or 1/0, positive/negative, yes/no")
+    return out
+
+
+def read_reader_calls(path: str | Path) -> pd.DataFrame:
+    """Read ``image, reader, call`` CSV; errors name the file and what is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise CovidCXRError(f"{path}: reader file not found")
+    try:
+        reads = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise CovidCXRError(f"{path}: cannot be read as CSV ({exc})") from exc
+    missing = {"image", "reader", "call"} - set(reads.columns)
+    if missing:
+        raise CovidCXRError(f"{path}: missing column(s) {sorted(missing)}; need image, reader, call")
+    return reads
+
+
+def compare_readers(predictions: pd.DataFrame, reads: pd.DataFrame, *, positive_class: str, classes,
+                    level: float = DEFAULT_LEVEL, name: str = "reads") -> dict:
+    """Model vs each reader on the images that reader read.
+
+    ``predictions`` needs ``image`` (manifest path), ``y_true`` (0/1) and ``y_pred`` (0/1 at the
+    stored threshold). Reader images are matched to ``image`` exactly, or by file name where that is
+    unique; reads of images not in ``predictions`` are counted and reported, not silently dropped.
+    """
+    by_path = {str(p): i for i, p in enumerate(predictions["image"])}
+    names = pd.Series([Path(str(p)).name for p in predictions["image"]])
+    by_name = {n: i for i, n in enumerate(names) if (names == n).sum() == 1}
+    rows = []
+    unmatched = []
+    for idx, r in reads.iterrows():
+        key = str(r["image"])
+        pos = by_path.get(key, by_name.get(Path(key).name))
+        if pos is None:
+            unmatched.append(key)
+        rows.append(pos)
+    reads = reads.assign(_row=rows).dropna(subset=["_row"])
+    reads["_row"] = reads["_row"].astype(int)
+    reads["_call"] = parse_calls(reads["call"], positive_class, classes, name=name)
+    y = predictions["y_true"].to_numpy().astype(int)
+    model_pred = predictions["y_pred"].to_numpy().astype(int)
+    readers = {}
+    for reader, part in reads.groupby("reader", sort=True):
+        dup = part["_row"].duplicated()
+        if dup.any():
+            raise CovidCXRError(f"{name}: reader {reader!r} has several calls for image "
+                                f"{predictions['image'].iloc[part['_row'][dup].iloc[0]]}")
+        rows_ = part["_row"].to_numpy()
+        yr, call, mp = y[rows_], part["_call"].to_numpy(), model_pred[rows_]
+        readers[str(reader)] = {
+            "n": int(len(rows_)),
+            "reader": _sens_spec(yr, call, level),
+            "model_same_images": _sens_spec(yr, mp, level),
+            "mcnemar_model_vs_reader": mcnemar_test(mp == yr, call == yr),
+        }
+    return {"readers": readers, "unmatched_reads": len(unmatched), "unmatched_examples": unmatched[:10]}
+
+
+def _sens_spec(y: np.ndarray, pred: np.ndarray, level: float) -> dict:
+    c = confusion_counts(y, pred)
+    out = {}
+    for key, k, n in (("sensitivity", c["tp"], c["tp"] + c["fn"]), ("specificity", c["tn"], c["tn"] + c["fp"])):
+        lo, hi = wilson_ci(k, n, level=level)
+        out[key] = {"value": k / n if n else None, "ci_low": lo if n else None, "ci_high": hi if n else None,
+                    "method": "Wilson", "n": n}
+    out["confusion"] = c
+    return out
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, manifest, *, split: str = "test", out: str | Path | None = None,
+                 label_space: str | Path | None = None, level: float = DEFAULT_LEVEL, batch_size: int = 16,
+                 progress: bool = True) -> dict:
+    """Score the same manifest rows with two runs; paired DeLong on AUC and McNemar at each stored threshold.
+
+    Both runs must share the positive class. Only images both runs could read are compared.
+    """
+    from covidcxr.evaluation.evaluate import _as_manifest, _threshold, run_label_space, score_manifest
+    from covidcxr.models.run import load_run, write_json
+
+    manifest = _as_manifest(manifest)
+    part = manifest.subset(split)
+    if len(part) == 0:
+        raise CovidCXRError(f"{manifest.name}: no rows in split {split!r} to compare on")
+    runs = [load_run(run_a), load_run(run_b)]
+    if runs[0].positive_class is None or runs[0].positive_class != runs[1].positive_class:
+        raise CovidCXRError(f"{run_a} and {run_b} must share a positive class to be compared "
+                            f"({runs[0].positive_class!r} vs {runs[1].positive_class!r})")
+    scored = []
+    skipped = []
+    for r in runs:
+        table, skip, _ = score_manifest(r, part, run_label_space(r, label_space), batch_size=batch_size,
+                                        progress=progress)
+        scored.append(table.set_index("image"))
+        skipped.extend(skip)
+    common = scored[0].index.intersection(scored[1].index)
+    a, b = scored[0].loc[common], scored[1].loc[common]
+    if (a["y_true"] != b["y_true"]).any():
+        raise CovidCXRError("the two runs' label spaces disagree on the positive class of some images")
+    result = compare_predictions(a["y_true"].to_numpy(), a["score"].to_numpy(), b["score"].to_numpy(),
+                                 a["y_pred"].to_numpy(), b["y_pred"].to_numpy(), level=level)
+    result.update({
+        "format": "covidcxr-compare/1", "split": split, "manifest": manifest.name, "n_images": int(len(common)),
+        "run_a": {"dir": str(run_a), "model_sha256": runs[0].model_sha256, "threshold": _threshold(runs[0])[0]},
+        "run_b": {"dir": str(run_b), "model_sha256": runs[1].model_sha256, "threshold": _threshold(runs[1])[0]},
+        "skipped": skipped,
+    })
+    if split == "val":
+        result["warning"] = "compared on the VALIDATION split, which chose the thresholds"
+    if out is not None:
+        write_json(Path(out), result)
+    return result
+
+
+def render_comparison(result: dict, console) -> None:
+    """Print a model comparison (CLI)."""
+    d, m = result["delong"], result["mcnemar"]
+    for item in result.get("skipped", []):
+        console.print(f"[yellow]skipped[/yellow] {item['image']}: {item['reason']}", highlight=False, soft_wrap=True)
+    if result.get("warning"):
+        console.print(f"[bold yellow]warning:[/bold yellow] {result['warning']}")
+    console.print(f"{result['n_images']} images ({result['split']}): AUC A {d['auc_a']:.3f} vs B {d['auc_b']:.3f}, "
+                  f"difference {d['difference']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
+                  f"DeLong p = {d['p_value']:.3g}", highlight=False)
+    console.print(f"McNemar at stored thresholds: only A correct {m['only_a_correct']}, only B correct "
+                  f"{m['only_b_correct']}, p = {m['p_value']:.3g} ({m['method']})", highlight=False)
