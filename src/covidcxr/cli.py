@@ -162,7 +162,68 @@ def report(
 
 
 # ---------------------------------------------------------------- explain (issue: explainability)
-# (explain command goes here)
+@app.command("explain")
+def explain(
+    run_dir: Path = typer.Argument(..., help="Run directory (run.json + model; ensembles too)."),
+    images: Optional[List[Path]] = typer.Argument(None, help="X-ray files to explain (PNG / JPEG / DICOM ...)."),
+    method: str = typer.Option("gradcam", "--method", help="gradcam, gradcam++, hirescam, scorecam, eigencam, layercam, xgradcam, eigengradcam."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/explain)."),
+    target_class: Optional[str] = typer.Option(None, "--class", help="Class to explain (default: the run's positive class, else the predicted one)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Target layer by module name (default: the architecture's CAM layer)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="Annotations folder with index.csv (default: DATA_ROOT/annotations) for lung-focus scores."),
+    road: bool = typer.Option(False, "--road", help="Also compute ROAD faithfulness scores (slow)."),
+    severity: bool = typer.Option(False, "--severity", help="Correlate p(covid) and heatmap lung area with the 92 expert severity scores."),
+    patient: Optional[str] = typer.Option(None, "--patient", help="Draw the serial-X-ray progression of this patient_id (needs --manifest)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Manifest CSV for --patient."),
+    feature_maps: Optional[List[str]] = typer.Option(None, "--feature-maps", help="Layer name(s): grid of activation maps for the first image."),
+    sanity: Optional[str] = typer.Option(None, "--sanity", help="Model-randomisation sanity check: 'full' or 'cascading'; --method may list several methods, comma-separated."),
+) -> None:
+    """Grad-CAM family heatmaps, lung-focus scores, sanity checks, severity correlation, progression and feature maps."""
+    from covidcxr.errors import ConfigError
+
+    out_dir = out if out is not None else run_dir / "explain"
+    if severity:
+        from covidcxr.explain.severity import severity_study
+
+        r = severity_study(run_dir, method=method, target_class=target_class, layer=layer, batch_size=batch_size, out=out_dir)
+        for pred, by_score in r["correlations"].items():
+            for score, c in by_score.items():
+                console.print(f"{pred} vs {score}: Spearman {c['rho']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}] (n={c['n']})")
+    elif patient is not None:
+        from covidcxr.explain.progression import plot_progression
+
+        if manifest is None:
+            raise ConfigError("--patient needs --manifest (the manifest CSV that lists the patient's images)")
+        r = plot_progression(run_dir, manifest, patient, method=method, target_class=target_class, layer=layer, out=out_dir)
+        console.print(f"wrote {out_dir / r['figure']} ({len(r['studies'])} studies)")
+    elif feature_maps:
+        from covidcxr.explain.features import feature_maps as draw_feature_maps
+
+        if not images:
+            raise ConfigError("--feature-maps needs one image")
+        r = draw_feature_maps(run_dir, images[0], feature_maps, out=out_dir)
+        console.print(f"wrote {out_dir / r['figure']}")
+    elif sanity is not None:
+        from covidcxr.explain.sanity import sanity_check
+
+        r = sanity_check(run_dir, images or [], methods=method.split(","), mode=sanity, target_class=target_class,
+                         layer=layer, batch_size=batch_size, out=out_dir)
+        for m, e in r["methods"].items():
+            console.print(f"{m}: mean |rho| trained vs randomised = {e['mean_abs_rho']:.2f}"
+                          + ("  [red]FLAGGED: maps barely depend on the weights[/red]" if e["flagged"] else "  ok"))
+    else:
+        from covidcxr.explain.images import explain_images
+
+        r = explain_images(run_dir, images or [], method=method, out=out_dir, target_class=target_class, layer=layer,
+                           batch_size=batch_size, annotations=annotations, road=road)
+        lf = r["lung_focus_summary"]
+        console.print(f"wrote {len(r['images'])} overlays + summary.json to {out_dir}; skipped {len(r['skipped'])}")
+        for s in r["skipped"]:
+            console.print(f"  skipped {s['image']}: {s['reason']}", highlight=False)
+        if lf.get("n"):
+            console.print(f"lung focus (n={lf['n']}): mass share {lf['mean_mass_share']:.2f} vs uniform {lf['mean_baseline']:.2f}; "
+                          f"pointing game {lf['pointing_game']:.2f}")
 
 
 # ---------------------------------------------------------------- predict / export / serve (issue: serving)
