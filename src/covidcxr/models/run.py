@@ -32,15 +32,20 @@ RUN_JSON = "run.json"
 MODEL_FILE = "model.safetensors"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file + rename so a killed process never leaves half a file."""
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write via a temporary file + rename so a killed process never leaves half a file.
+
+    ``fsync=False`` keeps the atomicity but skips forcing the data to disk (for caches that verify
+    their entries anyway; the fsync dominates writing many small files).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
