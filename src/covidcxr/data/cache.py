@@ -18,9 +18,9 @@ Correctness rules:
   processes can share one cache; each entry carries a CRC-32 and its own key, and an entry that
   fails either check is rebuilt, never served.
 
-Entry file layout (``<root>/v1/<key[:2]>/<key>.cxr``): ``MAGIC`` + big-endian uint32 CRC-32 of the
-rest + uint32 length of a JSON header + the JSON header (key settings, the reader's ``meta``) +
-a ``.npy`` (uint16, H x W).
+Entry file layout (``<root>/v2/<key[:2]>/<key>.cxr``): ``MAGIC`` + big-endian uint32 CRC-32 of the
+rest + uint32 length of a JSON header + the JSON header (key, settings, shape, dtype, the reader's
+``meta``) + the raw little-endian uint16 H x W pixels (read back without a copy).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from covidcxr.errors import ConfigError, ImageReadError
 from covidcxr.progress import make_progress
 
 #: Bump when the entry layout or the resize changes; old entries are then simply never looked up.
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
 MAGIC = b"covidcxr-ws\n"
 RESIZE_METHOD = "cv2.INTER_AREA"
 DEFAULT_WORKING_SIZE = 512
@@ -70,7 +70,9 @@ def quantise(pixels: np.ndarray) -> np.ndarray:
 
 
 def dequantise(stored: np.ndarray) -> np.ndarray:
-    return stored.astype(np.float32) / np.float32(_U16)
+    out = stored.astype(np.float32)
+    out *= np.float32(1.0 / _U16)
+    return out
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -254,23 +256,24 @@ class WorkingSizeCache:
         resolved = str(path.resolve())
         self._memo[resolved] = (signature, digest)
         record = {"path": resolved, "signature": list(signature), "sha256": digest}
-        _atomic_write(self._index_file(path), json.dumps(record).encode())
+        _atomic_write(self._index_file(path), json.dumps(record).encode())  # a torn index record just forces a re-hash
 
     def _write_entry(self, entry: Path, digest: str, stored: np.ndarray, meta: dict) -> None:
-        header = json.dumps({"key": self.key(digest), "settings": self.settings, "meta": meta},
-                            default=_json_default).encode()
-        buf = io.BytesIO()
-        np.save(buf, stored, allow_pickle=False)
-        payload = struct.pack(">I", len(header)) + header + buf.getvalue()
+        stored = np.ascontiguousarray(stored, dtype="<u2")
+        header = json.dumps({"key": self.key(digest), "settings": self.settings, "shape": list(stored.shape),
+                             "dtype": "<u2", "meta": meta}, default=_json_default).encode()
+        payload = struct.pack(">I", len(header)) + header + stored.tobytes()
+        # A cache needs atomicity (readers never see half a file) but not durability: after a
+        # crash a torn entry fails its CRC and is rebuilt, so skip the fsync (it tripled cold-pass time).
         _atomic_write(entry, MAGIC + struct.pack(">I", zlib.crc32(payload)) + payload)
 
     def _read_entry(self, entry: Path, digest: str) -> XRay:
         try:
-            blob = entry.read_bytes()
+            blob = memoryview(entry.read_bytes())  # slices of a memoryview do not copy the pixels
         except OSError as exc:
             raise CorruptEntry(str(exc)) from None
         head = len(MAGIC) + 4
-        if len(blob) < head + 4 or not blob.startswith(MAGIC):
+        if len(blob) < head + 4 or blob[: len(MAGIC)] != MAGIC:
             raise CorruptEntry("bad magic")
         (crc,) = struct.unpack(">I", blob[len(MAGIC) : head])
         payload = blob[head:]
@@ -278,9 +281,10 @@ class WorkingSizeCache:
             raise CorruptEntry("CRC mismatch")
         try:
             (header_len,) = struct.unpack(">I", payload[:4])
-            header = json.loads(payload[4 : 4 + header_len])
-            stored = np.load(io.BytesIO(payload[4 + header_len :]), allow_pickle=False)
-        except (ValueError, struct.error, OSError) as exc:
+            header = json.loads(bytes(payload[4 : 4 + header_len]))
+            shape = tuple(int(v) for v in header["shape"])
+            stored = np.frombuffer(payload[4 + header_len :], dtype=np.dtype(header["dtype"])).reshape(shape)
+        except (ValueError, TypeError, KeyError, struct.error) as exc:
             raise CorruptEntry(str(exc)) from None
         if header.get("key") != self.key(digest) or stored.dtype != np.uint16 or stored.ndim != 2 \
                 or max(stored.shape) > self.working_size:
@@ -293,11 +297,11 @@ class WorkingSizeCache:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    # The run-directory helper (temp file + fsync + rename) is the project's one atomic write;
-    # imported here so that reading the cache does not import torch.
+    # The run-directory helper (temp file + rename) is the project's one atomic write; imported
+    # here so that reading the cache does not import torch.
     from covidcxr.models.run import atomic_write_bytes
 
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def _json_default(o):
