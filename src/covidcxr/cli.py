@@ -227,7 +227,65 @@ def explain(
 
 
 # ---------------------------------------------------------------- predict / export / serve (issue: serving)
-# (predict, export, serve commands go here)
+@app.command("predict")
+def predict(
+    run_dir: Path = typer.Argument(..., help="run directory (run.json + model)"),
+    paths: List[str] = typer.Argument(..., help="image files, folders (recursive), globs, .zip / .tar archives"),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="output file: .csv, .json, .jsonl or .parquet"),
+    batch_size: int = typer.Option(16, min=1, help="images per batch (one flush to disk per batch)"),
+    backend: str = typer.Option("torch", help="torch or onnx (run `covidcxr export` first)"),
+    resume: bool = typer.Option(False, "--resume", help="skip inputs already in --out (continue a killed job)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="folder for one Grad-CAM overlay PNG per image"),
+    workers: int = typer.Option(2, min=1, help="image decoding threads"),
+):
+    """Predict class probabilities for many images; bad files are listed in <out>.skipped.csv and skipped."""
+    from covidcxr.serving.batch import predict_run
+
+    result = predict_run(run_dir, paths, out, backend=backend, heatmaps=heatmaps, batch_size=batch_size,
+                         resume=resume, overwrite=overwrite, workers=workers)
+    for path, reason in result.skipped[:20]:
+        err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
+    if len(result.skipped) > 20:
+        err_console.print(f"... and {len(result.skipped) - 20} more (see {result.skipped_file})")
+    console.print(f"{result.predicted} images predicted, {result.already_done} already done (--resume), "
+                  f"{len(result.skipped)} skipped (listed in {result.skipped_file}), {result.ignored} non-image files "
+                  f"ignored -> {result.out} ({result.total_rows} rows)", highlight=False)
+
+
+@app.command("export")
+def export(
+    run_dir: Path = typer.Argument(..., help="run directory (run.json + model)"),
+    format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default RUN_DIR/model.onnx, recorded in run.json)"),
+    opset: int = typer.Option(18, help="ONNX opset"),
+):
+    """Export the model with a dynamic batch size and probability outputs; checked against PyTorch."""
+    from covidcxr.serving.onnx import export_model
+
+    path = export_model(run_dir, format=format, out=out, opset=opset)
+    console.print(f"exported {path}", highlight=False)
+
+
+@app.command("serve")
+def serve(
+    run_dir: Path = typer.Argument(..., help="run directory (run.json + model)"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 exposes the service to the network)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    backend: str = typer.Option("torch", help="torch or onnx (run `covidcxr export` first)"),
+    token: Optional[str] = typer.Option(None, envvar="COVIDCXR_API_TOKEN",
+                                        help="require this API token on /v1/* (or set COVIDCXR_API_TOKEN)"),
+    audit_db: Optional[str] = typer.Option(None, "--audit-db", help="SQLAlchemy URL of the audit log (default sqlite in RUN_DIR)"),
+    max_upload_mb: float = typer.Option(32.0, help="largest accepted upload in MiB (413 above)"),
+    timeout: float = typer.Option(30.0, help="seconds per prediction before 504"),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Grad-CAM overlays in responses"),
+    workers: int = typer.Option(2, min=1, help="inference threads"),
+):
+    """Serve the model: web page at /, API at /v1/predict and /v1/model, docs at /docs."""
+    from covidcxr.serving.app import serve_run
+
+    serve_run(run_dir, host=host, port=port, backend=backend, token=token, audit_db=audit_db,
+              max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout, heatmaps=heatmaps, workers=workers)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""Audit log of every prediction the service makes: who asked what of which model, and what it said.
+
+One row per request: time, input SHA-256, model SHA-256, backend, outputs (probabilities, label,
+threshold), latency and status / error. Deliberately *no* pixel data and *no* image metadata: DICOM
+headers carry patient names, ids and dates, so nothing from the file except its hash is stored.
+
+SQLite (embedded, one file) is the default; any SQLAlchemy URL works (``postgresql://...``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from covidcxr.errors import ConfigError
+
+AUDIT_DB_FILE = "audit.sqlite"
+
+_metadata = sa.MetaData()
+predictions_table = sa.Table(
+    "predictions",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("time_utc", sa.String(32), nullable=False, index=True),
+    sa.Column("request_id", sa.String(36), nullable=False),
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    sa.Column("input_sha256", sa.String(64)),
+    sa.Column("input_bytes", sa.Integer),
+    sa.Column("model_sha256", sa.String(64), nullable=False),
+    sa.Column("backend", sa.String(16), nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=False),
+    sa.Column("predicted", sa.String(64)),
+    sa.Column("probabilities_json", sa.Text),
+    sa.Column("threshold", sa.Float),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("error", sa.Text),
+)
+#: Columns of the audit table, in order (documented in docs/serving.md).
+AUDIT_COLUMNS = tuple(c.name for c in predictions_table.columns)
+
+
+def default_audit_url(run_dir: str | Path) -> str:
+    """SQLite file inside the run directory: the log travels with the model it describes."""
+    return f"sqlite:///{(Path(run_dir) / AUDIT_DB_FILE).resolve()}"
+
+
+class AuditLog:
+    """Append-only prediction log on any SQLAlchemy database (SQLite file by default)."""
+
+    def __init__(self, url: str):
+        try:
+            self.engine = sa.create_engine(url, future=True)
+            _metadata.create_all(self.engine)
+        except (sa.exc.ArgumentError, sa.exc.OperationalError, ModuleNotFoundError) as exc:
+            raise ConfigError(f"audit database {url!r} cannot be opened ({exc.__class__.__name__}: {exc}); "
+                              "pass a SQLAlchemy URL such as sqlite:////path/audit.sqlite") from exc
+        self.url = url
+        # SQLite serialises writers anyway; the lock keeps concurrent threadpool workers from
+        # failing with "database is locked" instead of waiting.
+        self._lock = threading.Lock()
+
+    def record(self, *, request_id: str, endpoint: str, model_sha256: str, backend: str, status_code: int,
+               latency_ms: float, input_sha256: str | None = None, input_bytes: int | None = None,
+               predicted: str | None = None, probabilities: dict[str, float] | None = None,
+               threshold: float | None = None, error: str | None = None) -> None:
+        row = dict(
+            time_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            request_id=request_id, endpoint=endpoint, input_sha256=input_sha256, input_bytes=input_bytes,
+            model_sha256=model_sha256, backend=backend, status_code=int(status_code), predicted=predicted,
+            probabilities_json=json.dumps(probabilities) if probabilities is not None else None,
+            threshold=threshold, latency_ms=float(latency_ms), error=error,
+        )
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(predictions_table.insert().values(**row))
+
+    def rows(self, limit: int | None = None) -> list[dict]:
+        """Most recent rows first."""
+        query = sa.select(predictions_table).order_by(predictions_table.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def close(self) -> None:
+        self.engine.dispose()
