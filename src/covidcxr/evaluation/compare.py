@@ -54,12 +54,16 @@ def compare_predictions(y_true, score_a, score_b, pred_a, pred_b, *, level: floa
     return result
 
 
-def parse_calls(calls: pd.Series, positive_class: str, classes, *, name: str = "reads") -> np.ndarray:
-    """Reader calls -> 0/1 (positive = the positive class name or 1/positive/yes/true)."""
+def parse_calls(calls: pd.Series, positive_class: str, classes, *, name: str = "reads",
+                label_to_class: dict[str, str] | None = None) -> np.ndarray:
+    """Reader calls -> 0/1: a model class name, a manifest label mapped by ``label_to_class`` (e.g.
+    ``normal -> non-covid``), or 1/0, positive/negative, yes/no."""
     out = np.zeros(len(calls), dtype=int)
-    classes = [str(c).lower() for c in classes]
+    mapped = {str(k).lower(): str(v).lower() for k, v in (label_to_class or {}).items() if v is not None}
+    classes = [str(c).lower() for c in classes] + sorted(mapped)
     for i, (idx, raw) in enumerate(calls.items()):
         v = str(raw).strip().lower()
+        v = mapped.get(v, v)
         if v == positive_class.lower() or v in POSITIVE_CALLS:
             out[i] = 1
         elif v in classes or v in NEGATIVE_CALLS:
@@ -86,7 +90,7 @@ def read_reader_calls(path: str | Path) -> pd.DataFrame:
 
 
 def compare_readers(predictions: pd.DataFrame, reads: pd.DataFrame, *, positive_class: str, classes,
-                    level: float = DEFAULT_LEVEL, name: str = "reads") -> dict:
+                    level: float = DEFAULT_LEVEL, name: str = "reads", label_to_class: dict[str, str] | None = None) -> dict:
     """Model vs each reader on the images that reader read.
 
     ``predictions`` needs ``image`` (manifest path), ``y_true`` (0/1) and ``y_pred`` (0/1 at the
@@ -106,7 +110,7 @@ def compare_readers(predictions: pd.DataFrame, reads: pd.DataFrame, *, positive_
         rows.append(pos)
     reads = reads.assign(_row=rows).dropna(subset=["_row"])
     reads["_row"] = reads["_row"].astype(int)
-    reads["_call"] = parse_calls(reads["call"], positive_class, classes, name=name)
+    reads["_call"] = parse_calls(reads["call"], positive_class, classes, name=name, label_to_class=label_to_class)
     y = predictions["y_true"].to_numpy().astype(int)
     model_pred = predictions["y_pred"].to_numpy().astype(int)
     readers = {}

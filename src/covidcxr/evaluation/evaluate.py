@@ -239,7 +239,7 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path | Manifest, *, split:
                                           "gap": internal_external_gap(result["groups"][split],
                                                                        result["groups"]["external"])}
     if readers is not None:
-        result["readers"] = _readers(scored[scored["split"] == split], readers, run)
+        result["readers"] = _readers(scored[scored["split"] == split], readers, run, space)
     out.mkdir(parents=True, exist_ok=True)
     scored.drop(columns=["path"]).to_csv(out / PREDICTIONS_CSV, index=False)
     result["plots"] = write_plots(out, scored, run, threshold, result, by=by) if make_plots else {}
@@ -262,14 +262,17 @@ def finite_or_none(obj):
     return obj
 
 
-def _readers(scored: pd.DataFrame, reads_path, run: LoadedRun) -> dict:
+def _readers(scored: pd.DataFrame, reads_path, run: LoadedRun, space: LabelSpace) -> dict:
     from covidcxr.evaluation.compare import compare_readers, read_reader_calls
 
     if run.positive_class is None:
         raise CovidCXRError("reader comparison needs a run with a positive class")
     reads = read_reader_calls(reads_path)
+    # readers may answer in manifest labels (normal / pneumonia / covid): map them like the manifest rows
+    labels = sorted({"covid", "normal", "pneumonia", "other"} | set(scored["label"].astype(str)))
+    label_to_class = dict(zip(labels, space.assign(pd.DataFrame({"label": labels, "finding": [""] * len(labels)}))))
     return compare_readers(scored, reads, positive_class=run.positive_class, classes=run.classes,
-                           name=str(reads_path))
+                           name=str(reads_path), label_to_class=label_to_class)
 
 
 def write_plots(out: Path, scored: pd.DataFrame, run: LoadedRun, threshold: float, result: dict, *,

@@ -1,0 +1,290 @@
+"""`covidcxr evaluate` / `compare` / readers on a real trained run and real shared images."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import stats
+from sklearn import metrics as skm
+from typer.testing import CliRunner
+
+from covidcxr.cli import app
+from covidcxr.data import read_xray
+from covidcxr.errors import CovidCXRError
+from covidcxr.evaluation import metrics as M
+from covidcxr.evaluation.calibration import TemperatureScaling, expected_calibration_error
+from covidcxr.evaluation.compare import compare_runs, mcnemar_test
+from covidcxr.evaluation.evaluate import evaluate_run
+from covidcxr.models.run import load_run
+
+PER_SOURCE = 10  # images per (split, source) in the small evaluation manifest: keeps CI time low
+
+
+def small_eval_manifest(split_manifest, path, per_source: int = PER_SOURCE, external_source: str = "Figure1"):
+    """A few test (and val) images of every source; one source's test rows relabelled 'external' to play the
+    held-out source. Written as CSV (absolute image paths) so the CLI can read it."""
+    t = split_manifest.table
+    t = t[t["split"].isin(["test", "val"])].sample(frac=1, random_state=0)
+    # keep the covid images (rare) and a few of the rest, per split and source
+    small = pd.concat([t[t["label"] == "covid"].groupby(["split", "source"]).head(per_source),
+                       t[t["label"] != "covid"].groupby(["split", "source"]).head(per_source)])
+    small = small.copy()
+    small["image"] = [str(p) for p in split_manifest.replace(small).image_paths()]
+    small.loc[small["source"].str.contains(external_source) & (small["split"] == "test"), "split"] = "external"
+    small.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained_run, tmp_path_factory):
+    """A private copy of the shared trained run (evaluation writes eval/ and calibration.json into it)."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("evalrun") / "run"
+    shutil.copytree(trained_run, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def eval_manifest(split_manifest, tmp_path_factory):
+    return small_eval_manifest(split_manifest, tmp_path_factory.mktemp("evalmanifest") / "small.csv")
+
+
+@pytest.fixture(scope="module")
+def evaluated(run_dir, eval_manifest):
+    """`covidcxr evaluate` run once through the CLI, with every option that changes the output."""
+    reads = run_dir.parent / "reads.csv"
+    table = pd.read_csv(eval_manifest)
+    test = table[table["split"] == "test"]
+    rows = [{"image": img, "reader": "oracle", "call": lab} for img, lab in zip(test["image"], test["label"])]
+    rows += [{"image": img, "reader": "always-covid", "call": "covid"} for img in test["image"]]
+    rows.append({"image": "not/in/this/evaluation.jpg", "reader": "oracle", "call": "covid"})
+    pd.DataFrame(rows).to_csv(reads, index=False)
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--manifest", str(eval_manifest), "--by", "source",
+                                      "--prevalence", "0.05", "--readers", str(reads), "--n-boot", "200",
+                                      "--temperature-scaling"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = run_dir / "eval" / "test"
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=_no_nan)
+    return {"out": out, "metrics": metrics, "pred": pd.read_csv(out / "predictions.csv"), "stdout": result.output,
+            "manifest": table}
+
+
+def _no_nan(name):
+    raise AssertionError(f"metrics.json contains {name}; undefined values must be null")
+
+
+def test_threshold_comes_from_run_json_and_metrics_match_sklearn(evaluated, run_dir):
+    m, pred = evaluated["metrics"], evaluated["pred"]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["threshold"] is not None
+    assert m["threshold"] == record["threshold"] and "validation" in m["threshold_source"]
+    test = pred[pred["split"] == "test"]
+    b = m["groups"]["test"]["binary"]
+    y, s = test["y_true"].to_numpy(), test["score"].to_numpy()
+    assert b["n"] == len(test) and b["n_positive"] == int(y.sum()) > 0
+    assert b["auc"]["value"] == pytest.approx(skm.roc_auc_score(y, s))
+    called = (s >= record["threshold"]).astype(int)
+    assert b["sensitivity"]["value"] == pytest.approx(skm.recall_score(y, called))
+    assert b["specificity"]["value"] == pytest.approx(skm.recall_score(1 - y, 1 - called))
+    assert (test["y_pred"].to_numpy() == called).all()  # decisions in predictions.csv use the stored threshold
+    for name in ("auc", *M.THRESHOLD_METRICS):
+        e = b[name]
+        if e["value"] is not None and e["ci_low"] is not None:
+            assert e["ci_low"] <= e["value"] + 1e-12 and e["value"] <= e["ci_high"] + 1e-12, name
+    w = m["groups"]["test"]["within_source_auc"]
+    expected_w = M.within_source_auc(y, s, test["source"])
+    assert (w["value"] is None and math.isnan(expected_w)) or w["value"] == pytest.approx(expected_w)
+    assert b["at_prevalence"]["prevalence"] == 0.05
+
+
+def test_predictions_are_the_models_probabilities_for_each_manifest_row(evaluated, run_dir):
+    pred, manifest = evaluated["pred"], evaluated["manifest"]
+    wanted = manifest[manifest["split"].isin(["test", "external"])]
+    assert sorted(pred["image"]) == sorted(wanted["image"])  # every row scored, none silently dropped
+    run = load_run(run_dir)
+    sample = pred.iloc[:4]
+    probs = run.predict_arrays([read_xray(p).pixels for p in sample["image"]])
+    np.testing.assert_allclose(sample[f"prob_{run.positive_class}"].to_numpy(), probs[:, run.positive_index], atol=1e-5)
+    assert set(pred["class"]) <= set(run.classes)
+
+
+def test_per_source_and_internal_vs_external(evaluated):
+    m = evaluated["metrics"]
+    test, ext = m["groups"]["test"], m["groups"]["external"]
+    assert set(test["by"]["groups"]) == set(evaluated["pred"].query("split == 'test'")["source"])
+    assert sum(g["n_images"] for g in test["by"]["groups"].values()) == test["n_images"]
+    gap = m["internal_vs_external"]["gap"]
+    assert gap["sensitivity"] == pytest.approx(test["binary"]["sensitivity"]["value"] - ext["binary"]["sensitivity"]["value"])
+    assert "internal - external" in evaluated["stdout"]
+
+
+def test_plots_are_real_pngs(evaluated):
+    out = evaluated["out"]
+    plots = evaluated["metrics"]["plots"]["test"]
+    for key in ("roc", "pr", "histogram", "reliability", "confusion", "roc_by"):
+        img = Image.open(out / plots[key])
+        assert img.format == "PNG" and img.size[0] > 300
+        assert np.asarray(img.convert("L")).std() > 10  # not blank
+
+
+def test_temperature_scaling_fitted_on_val_and_stored(evaluated, run_dir):
+    stored = TemperatureScaling.load(run_dir)
+    assert stored is not None and stored.fitted_on == "val"
+    val = evaluated["manifest"].query("split == 'val'")
+    assert stored.n == len(val)  # fitted on exactly the validation rows, never on test
+    assert stored.nll_after <= stored.nll_before
+    cal = evaluated["metrics"]["groups"]["test"]["calibration"]
+    assert cal["temperature_scaled"]["temperature"] == pytest.approx(stored.temperature)
+
+
+def test_reader_comparison(evaluated):
+    r = evaluated["metrics"]["readers"]
+    assert r["unmatched_reads"] == 1
+    oracle, always = r["readers"]["oracle"], r["readers"]["always-covid"]
+    test = evaluated["pred"].query("split == 'test'")
+    assert oracle["n"] == always["n"] == len(test)
+    assert oracle["reader"]["sensitivity"]["value"] == 1 and oracle["reader"]["specificity"]["value"] == 1
+    assert always["reader"]["specificity"]["value"] == 0
+    # McNemar model vs oracle: discordant pairs are exactly the model's errors
+    errors = int((test["y_pred"] != test["y_true"]).sum())
+    assert oracle["mcnemar_model_vs_reader"]["only_b_correct"] == errors
+    assert oracle["model_same_images"]["sensitivity"]["value"] == pytest.approx(
+        evaluated["metrics"]["groups"]["test"]["binary"]["sensitivity"]["value"])
+
+
+def test_val_split_is_flagged(run_dir, eval_manifest, tmp_path):
+    res = evaluate_run(run_dir, eval_manifest, split="val", out=tmp_path, n_boot=50, progress=False, make_plots=False)
+    assert "VALIDATION" in res["warning"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["warning"] == res["warning"]
+
+
+def test_unreadable_file_is_skipped_and_reported(run_dir, eval_manifest, tmp_path):
+    table = pd.read_csv(eval_manifest)
+    table = table[table["split"] == "test"].head(12).copy()
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    extra = table.iloc[[0]].copy()
+    extra["image"], extra["patient_id"] = str(bad), "broken:1"
+    pd.concat([table, extra]).to_csv(tmp_path / "m.csv", index=False)
+    res = evaluate_run(run_dir, tmp_path / "m.csv", out=tmp_path / "ev", n_boot=50, progress=False, make_plots=False)
+    assert [s["image"] for s in res["skipped"]] == [str(bad)] and res["skipped"][0]["reason"]
+    assert res["groups"]["test"]["n_images"] == len(table)
+
+
+def test_missing_split_is_a_clear_error(run_dir, eval_manifest, tmp_path):
+    table = pd.read_csv(eval_manifest)
+    table[table["split"] == "val"].to_csv(tmp_path / "valonly.csv", index=False)
+    with pytest.raises(CovidCXRError, match="no rows in split 'test'"):
+        evaluate_run(run_dir, tmp_path / "valonly.csv", out=tmp_path, progress=False)
+
+
+def test_compare_runs_paired_delong_and_mcnemar(run_dir, eval_manifest, tmp_path):
+    import shutil
+
+    from covidcxr.models.run import save_model
+
+    # B: the same run with its classifier head perturbed, so it ranks images differently
+    run = load_run(run_dir)
+    head = [p for n, p in run.model.named_parameters() if "classifier" in n]
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in head:
+            p.add_(torch.randn_like(p) * p.std() * 2)
+    other = save_model(tmp_path / "b", run.model, architecture=run.record["architecture"], classes=run.classes,
+                       preprocess_spec=run.spec, threshold=run.threshold, info=run.record.get("info"))
+    table = pd.read_csv(eval_manifest)
+    table[table["split"] == "test"].to_csv(tmp_path / "t.csv", index=False)
+    res = compare_runs(run_dir, other, tmp_path / "t.csv", out=tmp_path / "cmp.json", progress=False)
+    ev = pd.read_csv(run_dir / "eval" / "test" / "predictions.csv").query("split == 'test'")
+    assert res["n_images"] == len(ev)
+    assert res["delong"]["auc_a"] == pytest.approx(skm.roc_auc_score(ev["y_true"], ev["score"]), abs=1e-6)
+    assert json.loads((tmp_path / "cmp.json").read_text())["mcnemar"] == res["mcnemar"]
+    same = compare_runs(run_dir, run_dir, tmp_path / "t.csv", progress=False)
+    assert same["delong"]["difference"] == 0 and same["mcnemar"]["p_value"] == 1.0
+    shutil.rmtree(tmp_path / "b")
+
+
+def test_mcnemar_exact_and_chi_square_branches():
+    rng = np.random.default_rng(0)
+    a = rng.random(200) < 0.8
+    b = a.copy()
+    b[:8] = ~b[:8]  # 8 discordant pairs -> exact binomial
+    res = mcnemar_test(a, b)
+    k = res["only_a_correct"]
+    assert res["method"] == "exact binomial"
+    assert res["p_value"] == pytest.approx(stats.binomtest(k, 8, 0.5).pvalue)
+    b2 = a.copy()
+    b2[:60] = ~b2[:60]
+    res2 = mcnemar_test(a, b2)
+    bb, cc = res2["only_a_correct"], res2["only_b_correct"]
+    assert res2["method"].startswith("chi-square")
+    assert res2["p_value"] == pytest.approx(stats.chi2.sf((abs(bb - cc) - 1) ** 2 / (bb + cc), 1))
+
+
+def test_temperature_scaling_fixes_overconfidence_and_keeps_decisions():
+    rng = np.random.default_rng(0)
+    n = 2000
+    logit = rng.normal(0, 2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    over = 1 / (1 + np.exp(-3 * logit))  # 3x overconfident
+    probs = np.c_[1 - over, over]
+    t = TemperatureScaling.fit(probs, y)
+    assert t.temperature == pytest.approx(3.0, rel=0.15)
+    cal = t.transform(probs)[:, 1]
+    assert expected_calibration_error(y, cal) < expected_calibration_error(y, over) / 2
+    thr = 0.7
+    assert ((cal >= t.transform_threshold(thr)) == (over >= thr)).all()
+
+
+# TEMPORARY until tests/conftest.py provides trained_run (training engineer): a quick real fine-tune.
+@pytest.fixture(scope="session")
+def trained_run(split_manifest, weights_dir, tmp_path_factory):
+    import torch
+
+    from covidcxr.data.preprocess import PreprocessSpec, preprocess
+    from covidcxr.evaluation.thresholds import select_threshold
+    from covidcxr.models.registry import create_model
+    from covidcxr.models.run import save_model
+
+    torch.manual_seed(0)
+    spec = PreprocessSpec(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = create_model("tf_efficientnet_lite0", 2, weights=str(weights_dir / "efficientnet_lite0_imagenet_timm.pth"))
+    t = split_manifest.table
+    paths = split_manifest.image_paths()
+
+    def batch(rows):
+        x = torch.stack([preprocess(read_xray(paths[i]).pixels, spec) for i in rows])
+        return x, torch.tensor((t["label"].to_numpy()[rows] == "covid").astype(int))
+
+    rng = np.random.default_rng(0)
+    train = t.index[t["split"] == "train"].to_numpy()
+    cov = train[t["label"].to_numpy()[train] == "covid"]
+    rest = train[t["label"].to_numpy()[train] != "covid"]
+    rows = np.r_[rng.choice(cov, 48, replace=False), rng.choice(rest, 48, replace=False)]
+    x, y = batch(rows)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.train()
+    for _ in range(4):
+        for i in range(0, len(rows), 16):
+            perm = torch.randperm(len(rows))[:16]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[perm]), y[perm]).backward()
+            opt.step()
+    model.eval()
+    val = t.index[t["split"] == "val"].to_numpy()
+    val = np.r_[val[t["label"].to_numpy()[val] == "covid"][:20], val[t["label"].to_numpy()[val] != "covid"][:40]]
+    xv, yv = batch(val)
+    with torch.no_grad():
+        pv = model(xv).softmax(1)[:, 1].numpy()
+    thr = select_threshold(yv.numpy(), pv, "youden")
+    return save_model(tmp_path_factory.mktemp("quickrun") / "run", model, architecture="tf_efficientnet_lite0",
+                      classes=["non-covid", "covid"], preprocess_spec=spec, threshold=thr,
+                      info={"label_space": "binary"})
