@@ -1,0 +1,83 @@
+"""Helpers shared by the serving tests (batch predict, ONNX, service, browser)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+
+#: Real images from ../shared/data/cxr: two sources, three labels, small files.
+SAMPLE_IMAGES = [
+    "images/figure1/covid/COVID-00001.jpg",
+    "images/nih/normal/00001280_004.jpg",
+    "images/kermany/normal/IM-0117-0001.jpg",
+    "images/rsna/normal/Normal-10006.jpg",
+    "images/nih/pneumonia/00000061_012.jpg",
+]
+DICOM = "dicom/RG1_UNCR.dcm"
+
+
+def sample_paths(data_root: Path, n: int = len(SAMPLE_IMAGES)) -> list[Path]:
+    paths = [data_root / p for p in SAMPLE_IMAGES[:n]]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        pytest.fail(f"shared sample images missing: {missing}")
+    return paths
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a run directory (tests write model.onnx / audit.sqlite into it)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx", "audit.sqlite"))
+    return dst
+
+
+def serving_run(request, tmp_path_factory) -> Path:
+    """A private copy of the session's ``trained_run`` fixture."""
+    src = request.getfixturevalue("trained_run")
+    return copy_run(Path(src), tmp_path_factory.mktemp("run") / "run")
+
+
+def truncated_jpeg(data_root: Path) -> bytes:
+    data = (data_root / SAMPLE_IMAGES[0]).read_bytes()
+    return data[: len(data) // 2]
+
+
+def ct_dicom(data_root: Path) -> bytes:
+    """The shared chest CR DICOM relabelled as CT (a non-radiograph the service must refuse)."""
+    import pydicom
+
+    ds = pydicom.dcmread(data_root / DICOM)
+    ds.Modality = "CT"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def dicom_identifiers(data_root: Path) -> list[str]:
+    """Patient-identifying header values of the shared DICOM (must never reach an audit log)."""
+    import pydicom
+
+    ds = pydicom.dcmread(data_root / DICOM, stop_before_pixels=True)
+    values = [str(ds.PatientName), str(ds.PatientID), str(ds.get("PatientBirthDate", "")),
+              str(ds.get("InstitutionName", "")), str(ds.get("StudyDate", ""))]
+    return [v for v in values if len(v) >= 4]
+
+
+# TEMPORARY (until tests/conftest.py provides trained_run): an ImageNet-initialised, untrained
+# tf_efficientnet_lite0 saved as a run; REMOVE before finishing.
+@pytest.fixture(scope="session")
+def dev_trained_run(weights_dir, tmp_path_factory):
+    import torch
+
+    from covidcxr.data.preprocess import PreprocessSpec
+    from covidcxr.models.registry import create_model
+    from covidcxr.models.run import save_model
+
+    torch.manual_seed(0)
+    model = create_model("tf_efficientnet_lite0", 2, weights=str(weights_dir / "efficientnet_lite0_imagenet_timm.pth"))
+    return save_model(tmp_path_factory.mktemp("devrun") / "run", model, architecture="tf_efficientnet_lite0",
+                      classes=["non_covid", "covid"], positive_class="covid", threshold=0.4,
+                      preprocess_spec=PreprocessSpec(image_size=96, mean=(0.5,) * 3, std=(0.5,) * 3),
+                      info={"val_auc": 0.9})

@@ -1,0 +1,157 @@
+"""``covidcxr predict``: real images from ../shared, bad files skipped with reasons, resume, tamper check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from covidcxr.cli import app
+from serving_helpers import dev_trained_run, sample_paths, serving_run, truncated_jpeg  # noqa: F401
+
+trained_run = dev_trained_run  # TEMPORARY until conftest provides trained_run
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(request, tmp_path_factory):
+    return serving_run(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    from covidcxr.models.run import load_run
+
+    return load_run(run_dir)
+
+
+@pytest.fixture()
+def input_folder(data_root, tmp_path):
+    """Three real JPEGs (one in a sub-folder), one in a zip, a text file called .png, a truncated JPEG, a README."""
+    images = sample_paths(data_root, 4)
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(images[0], folder / images[0].name)
+    shutil.copy(images[1], folder / images[1].name)
+    shutil.copy(images[2], folder / "sub" / images[2].name)
+    with zipfile.ZipFile(folder / "batch.zip", "w") as zf:
+        zf.write(images[3], f"inner/{images[3].name}")
+    (folder / "notes.png").write_text("this is not an image\n")
+    (folder / "cut.jpg").write_bytes(truncated_jpeg(data_root))
+    (folder / "README.txt").write_text("ignored: not an image extension")
+    return folder, images
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _user_error(result) -> str:
+    """The CovidCXRError a command raised (``covidcxr.cli.main`` prints it as one line, exit code 2)."""
+    from covidcxr.errors import CovidCXRError
+
+    assert isinstance(result.exception, CovidCXRError), (result.exception, result.output)
+    return str(result.exception)
+
+
+def test_predict_folder_archive_and_bad_files(run_dir, loaded, input_folder, tmp_path):
+    from covidcxr.data import read_xray
+
+    folder, images = input_folder
+    out = tmp_path / "pred.csv"
+    result = _invoke("predict", run_dir, folder, "--out", out, "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    names = sorted(Path(p.split("::")[-1]).name for p in table["path"])
+    assert names == sorted(p.name for p in images)
+    assert any("batch.zip::inner/" in p for p in table["path"])
+    prob_cols = [f"prob_{c}" for c in loaded.classes]
+    np.testing.assert_allclose(table[prob_cols].sum(axis=1), 1.0, atol=1e-5)
+    assert (table["model_sha256"] == loaded.model_sha256).all()
+    # predicted label follows the stored threshold (LoadedRun.decide) on the written probabilities
+    assert table["predicted"].tolist() == loaded.decide(table[prob_cols].to_numpy())
+    # the same numbers as a direct, independent prediction of the image as read
+    first = table[table["path"] == str(folder / images[0].name)].iloc[0]
+    direct = loaded.predict_arrays([read_xray(images[0]).pixels])[0]
+    np.testing.assert_allclose(first[prob_cols].to_numpy(dtype=float), direct, atol=1e-5)
+    assert first["input_sha256"] == hashlib.sha256(images[0].read_bytes()).hexdigest()
+    # bad files: listed with a reason, in the output and in <out>.skipped.csv
+    skipped = pd.read_csv(tmp_path / "pred.csv.skipped.csv")
+    reasons = dict(zip(skipped["path"].map(lambda p: Path(p).name), skipped["reason"]))
+    assert set(reasons) == {"notes.png", "cut.jpg"}
+    assert "text file" in reasons["notes.png"]
+    assert "truncated" in reasons["cut.jpg"].lower() or "corrupt" in reasons["cut.jpg"].lower()
+    assert "notes.png" in result.output and "1 non-image files ignored" in result.output
+
+
+def test_existing_output_needs_resume_or_overwrite(run_dir, data_root, tmp_path):
+    image = sample_paths(data_root, 1)[0]
+    out = tmp_path / "p.json"
+    assert _invoke("predict", run_dir, image, "--out", out).exit_code == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 1 and records[0]["path"] == str(image)
+    again = _invoke("predict", run_dir, image, "--out", out)
+    assert "--resume" in _user_error(again) and "p.json exists" in _user_error(again)
+    assert _invoke("predict", run_dir, image, "--out", out, "--overwrite").exit_code == 0
+    resumed = _invoke("predict", run_dir, image, "--out", out, "--resume")
+    assert resumed.exit_code == 0 and "1 already done" in resumed.output
+    assert len(json.loads(out.read_text())) == 1
+
+
+def test_killed_job_resumes_without_losing_or_repeating_rows(loaded, data_root, tmp_path, monkeypatch):
+    import covidcxr.models.predict as predict_mod
+    from covidcxr.serving.batch import predict_files
+
+    images = sample_paths(data_root, 5)
+    out = tmp_path / "big.csv"
+    real_batch = predict_mod._predict_batch
+    calls = {"n": 0}
+
+    def dies_on_second_batch(run, good):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_batch(run, good)
+
+    monkeypatch.setattr(predict_mod, "_predict_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        predict_files(loaded, images, out, batch_size=2, progress=False)
+    partial = pd.read_csv(out)
+    assert partial["path"].tolist() == [str(p) for p in images[:2]]  # the finished batch is on disk
+    monkeypatch.setattr(predict_mod, "_predict_batch", real_batch)
+    result = predict_files(loaded, images, out, batch_size=2, progress=False, resume=True)
+    assert result.already_done == 2 and result.predicted == 3
+    table = pd.read_csv(out)
+    assert table["path"].tolist() == [str(p) for p in images]
+
+
+def test_heatmaps_written_per_image(run_dir, data_root, tmp_path):
+    images = sample_paths(data_root, 2)
+    out = tmp_path / "p.csv"
+    result = _invoke("predict", run_dir, *images, "--out", out, "--heatmaps", tmp_path / "heat")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    for path in table["heatmap"]:
+        assert Path(path).is_file() and Path(path).stat().st_size > 10_000  # a rendered overlay, not a stub
+    assert len(set(table["heatmap"])) == 2
+
+
+def test_refuses_model_whose_sha256_changed(run_dir, data_root, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(run_dir, tampered)
+    model = tampered / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte of a weight
+    model.write_bytes(bytes(data))
+    result = _invoke("predict", tampered, sample_paths(data_root, 1)[0], "--out", tmp_path / "p.csv")
+    message = _user_error(result)
+    assert "does not match" in message and "model.safetensors" in message
+    assert not (tmp_path / "p.csv").exists()
