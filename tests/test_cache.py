@@ -159,6 +159,16 @@ def test_unreadable_files_raise_and_are_not_cached(tmp_path):
     assert cache.stats.errors == 3 and not list((tmp_path / "cache").rglob("*.cxr"))
 
 
+def test_cache_pickles_for_spawned_dataloader_workers(images, tmp_path):
+    import pickle
+
+    cache = WorkingSizeCache(tmp_path / "cache", working_size=128)
+    expected = cache.load(images["jpeg"])
+    clone = pickle.loads(pickle.dumps(cache))
+    assert (clone.root, clone.working_size) == (cache.root, 128)
+    assert np.array_equal(clone.load(images["jpeg"]), expected) and clone.stats.hits == 1
+
+
 def _load_in_process(args):
     root, path = args
     return WorkingSizeCache(root, working_size=128).load(path).tobytes()

@@ -119,6 +119,19 @@ class WorkingSizeCache:
         self._memo: dict[str, tuple[tuple, str]] = {}  # resolved path -> (stat signature, content sha256)
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # Picklable for DataLoader workers started with "spawn": the lock and memo stay behind.
+        state = dict(self.__dict__)
+        state.pop("_lock"), state.pop("_memo")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._memo, self._lock = {}, threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"WorkingSizeCache(root={str(self.root)!r}, working_size={self.working_size})"
+
     # ------------------------------------------------------------------ public API
 
     @property

@@ -383,7 +383,7 @@ def _check_frontal_chest(ds, name) -> None:
     modality = str(ds.get("Modality", "") or "").strip().upper()
     view = str(ds.get("ViewPosition", "") or "").strip().upper()
     body = str(ds.get("BodyPartExamined", "") or "").strip().upper().replace(" ", "")
-    hint = "; pass allow_non_frontal=True to read it anyway"
+    hint = "; pass allow_non_frontal=True (CLI: --allow-non-frontal) to read it anyway"
     if modality and modality not in RADIOGRAPH_MODALITIES:
         raise NotAChestXRayError(
             name, f"DICOM Modality is {modality}, not a projection radiograph "
