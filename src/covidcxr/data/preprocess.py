@@ -81,8 +81,8 @@ def standardise_intensity(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarra
         lo, hi = float(x.min()), float(x.max())
         return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
     if mode == "percentile":
-        lo, hi = np.percentile(x, spec.percentiles)
-        return np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)
+        lo, hi = (np.float32(v) for v in np.percentile(x, spec.percentiles))
+        return np.clip((x - lo) / (hi - lo), 0.0, 1.0, dtype=np.float32) if hi > lo else np.zeros_like(x)
     # Histogram methods work on 16-bit integers so 12-16 bit DICOM detail survives.
     x16 = np.round(np.clip(x, 0.0, 1.0) * 65535).astype(np.uint16)
     if mode == "hist_eq":
