@@ -5,7 +5,7 @@ Content-Security-Policy forbids any external request, so the file can be mailed,
 paper or opened on an offline hospital machine. What the report shows comes from the run directory;
 every part is optional and a missing part is said to be missing:
 
-* ``data_audit.json`` (training: the manifest audit), ``run.json`` info
+* ``data_audit.json`` or ``audit.json`` (training: the manifest audit), ``run.json`` info
 * ``metrics.jsonl`` (training: one JSON object per epoch) -> training-curve figure
 * ``eval/*/metrics.json`` + figures (``covidcxr evaluate``)
 * ``MODEL_CARD.md`` (rendered as Markdown, raw HTML disabled)
@@ -29,6 +29,8 @@ from covidcxr.models.run import atomic_write_bytes, read_run_record
 REPORT_FILE = "report.html"
 MAX_TABLE_ROWS = 60
 MAX_GALLERY = 48
+#: the data audit written by training, under the names it has had
+AUDIT_FILES = ("data_audit.json", "audit.json")
 
 #: (key in the binary block, label) rows of the metrics table
 BINARY_ROWS = (("auc", "AUC"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"), ("ppv", "PPV"),
@@ -319,7 +321,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else run_dir / REPORT_FILE
     evals = read_eval_results(run_dir)
     epochs = read_epochs(run_dir / "metrics.jsonl")
-    audit_path = run_dir / "data_audit.json"
+    audit_path = next((run_dir / f for f in AUDIT_FILES if (run_dir / f).is_file()), run_dir / AUDIT_FILES[0])
     card_path = run_dir / "MODEL_CARD.md"
     threshold = record.get("threshold")
     context = {
