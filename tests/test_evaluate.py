@@ -159,8 +159,11 @@ def test_reader_comparison(evaluated):
 
 
 def test_val_split_is_flagged(run_dir, eval_manifest, tmp_path):
-    res = evaluate_run(run_dir, eval_manifest, split="val", out=tmp_path, n_boot=50, progress=False, make_plots=False)
+    res = evaluate_run(run_dir, eval_manifest, split="val", out=tmp_path, n_boot=50, progress=False, make_plots=False,
+                       patient_bootstrap=True)
     assert "VALIDATION" in res["warning"]
+    assert res["ci_unit"].startswith("patient")
+    assert res["groups"]["val"]["binary"]["sensitivity"]["method"] == "cluster bootstrap (patients)"
     assert json.loads((tmp_path / "metrics.json").read_text())["warning"] == res["warning"]
 
 

@@ -288,25 +288,26 @@ def bootstrap_samples(n: int, *, clusters=None, n_boot: int = DEFAULT_N_BOOT, se
         for _ in range(n_boot):
             yield rng.integers(0, n, n)
         return
-    groups = cluster_indices(clusters)
-    if sum(len(g) for g in groups) != n:
-        raise CovidCXRError(f"clusters must give one value per image (got {sum(len(g) for g in groups)} for {n})")
+    arr = np.asarray(clusters, dtype=object).astype(str)
+    if len(arr) != n:
+        raise CovidCXRError(f"clusters must give one value per image (got {len(arr)} for {n})")
+    _, inverse, sizes = np.unique(arr, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")  # rows grouped by cluster
+    starts = np.cumsum(sizes) - sizes
     for _ in range(n_boot):
-        pick = rng.integers(0, len(groups), len(groups))
-        yield np.concatenate([groups[k] for k in pick])
+        pick = rng.integers(0, len(sizes), len(sizes))
+        lens = sizes[pick]
+        offsets = np.cumsum(lens) - lens
+        # all rows of each picked cluster, vectorised: start of the cluster + position within it
+        yield order[np.repeat(starts[pick] - offsets, lens) + np.arange(lens.sum())]
 
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *, clusters=None, n_boot: int = DEFAULT_N_BOOT,
                  level: float = DEFAULT_LEVEL, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of ``statistic(indices)``; resamples where it is undefined (NaN) are dropped."""
     _z(level)
-    values = np.array([statistic(idx) for idx in bootstrap_samples(n, clusters=clusters, n_boot=n_boot, seed=seed)],
-                      dtype=float)
-    values = values[np.isfinite(values)]
-    if len(values) < max(10, n_boot // 10):
-        return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    values = [statistic(idx) for idx in bootstrap_samples(n, clusters=clusters, n_boot=n_boot, seed=seed)]
+    return _percentile_ci(np.asarray(values, dtype=float), level, n_boot)
 
 
 # ---------------------------------------------------------------- binary metrics at a threshold
@@ -329,21 +330,34 @@ _PROPORTIONS: dict[str, Callable[[dict], tuple[int, int]]] = {
 }
 
 
-def _ratio(k: int, n: int) -> float:
-    return k / n if n else float("nan")
+def _bootstrap_counts(y: np.ndarray, pred: np.ndarray, **kwargs) -> dict:
+    """Confusion counts of every bootstrap resample at once (arrays of length n_boot)."""
+    cell = y * 2 + pred  # 0 tn, 1 fp, 2 fn, 3 tp
+    table = np.array([np.bincount(cell[idx], minlength=4) for idx in bootstrap_samples(len(y), **kwargs)])
+    if table.size == 0:
+        table = np.zeros((0, 4), dtype=int)
+    return {"tn": table[:, 0], "fp": table[:, 1], "fn": table[:, 2], "tp": table[:, 3]}
 
 
-def _point(name: str, y: np.ndarray, p: np.ndarray) -> float:
-    c = confusion_counts(y, p)
-    if name in _PROPORTIONS:
-        return _ratio(*_PROPORTIONS[name](c))
-    if name == "balanced_accuracy":
-        sens, spec = _ratio(*_PROPORTIONS["sensitivity"](c)), _ratio(*_PROPORTIONS["specificity"](c))
-        return (sens + spec) / 2
-    if name == "f1":
-        denom = 2 * c["tp"] + c["fp"] + c["fn"]
-        return 2 * c["tp"] / denom if denom else float("nan")
-    raise KeyError(name)
+def _from_counts(name: str, c: dict):
+    """A threshold metric from confusion counts (scalars or arrays of resamples); NaN where undefined."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tp, fp, tn, fn = (np.asarray(c[k], dtype=float) for k in ("tp", "fp", "tn", "fn"))
+        sens, spec = tp / (tp + fn), tn / (tn + fp)
+        values = {"sensitivity": sens, "specificity": spec, "ppv": tp / (tp + fp), "npv": tn / (tn + fn),
+                  "accuracy": (tp + tn) / (tp + tn + fp + fn), "balanced_accuracy": (sens + spec) / 2,
+                  "f1": 2 * tp / (2 * tp + fp + fn)}
+    v = values[name]
+    return float(v) if np.ndim(v) == 0 else v
+
+
+def _percentile_ci(values: np.ndarray, level: float, n_boot: int) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < max(10, n_boot // 10):
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
 
 THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "balanced_accuracy", "f1")
@@ -367,15 +381,15 @@ def binary_metrics(y_true, scores, threshold: float, *, level: float = DEFAULT_L
         out["auc"] = auc_ci(y, s, level=level, clusters=clusters, n_boot=n_boot, seed=seed).to_dict()
     else:
         out["auc"] = Estimate(float("nan"), float("nan"), float("nan"), "undefined: one class only", len(y)).to_dict()
+    boot = _bootstrap_counts(y, pred, clusters=clusters, n_boot=n_boot, seed=seed)
     for name in THRESHOLD_METRICS:
-        value = _point(name, y, pred)
+        value = _from_counts(name, counts)
         if clusters is None and name in _PROPORTIONS:
             k, n = _PROPORTIONS[name](counts)
             lo, hi = wilson_ci(k, n, level=level)
             est = Estimate(value, lo, hi, "Wilson", n)
         else:
-            lo, hi = bootstrap_ci(lambda idx, nm=name: _point(nm, y[idx], pred[idx]), len(y), clusters=clusters,
-                                  n_boot=n_boot, level=level, seed=seed)
+            lo, hi = _percentile_ci(_from_counts(name, boot), level, n_boot)
             method = "cluster bootstrap (patients)" if clusters is not None else "bootstrap"
             est = Estimate(value, lo, hi, method, len(y))
         out[name] = est.to_dict()
