@@ -82,12 +82,15 @@ class ImportResult:
             table.add_row(source, *[str(int(counts.get(lab, 0))) for lab in labels])
         console.print(table)
         summary = self.skipped_summary()
+        if summary.empty:
+            console.print("skipped 0 candidates")
         skipped = Table(title=f"skipped {len(self.skipped)} candidate(s)", title_justify="left")
         for c in ("reason", "images", "example"):
             skipped.add_column(c, overflow="fold", justify="right" if c == "images" else "left")
         for _, r in summary.iterrows():
             skipped.add_row(r["reason"], str(r["images"]), str(r["example"]))
-        console.print(skipped)
+        if not summary.empty:
+            console.print(skipped)
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
