@@ -197,8 +197,8 @@ def _read_pil(data: bytes, name, *, fmt: str, allow_non_frontal: bool, max_pixel
             raise ImageReadError(name, f"refused as a possible decompression bomb: {exc}") from None
         except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
             raise ImageReadError(name, f"truncated or corrupt {fmt.upper()} data: {exc}") from None
-        orientation = int(img.getexif().get(0x0112, 1) or 1)
         try:
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
             upright = ImageOps.exif_transpose(img)
         except Exception as exc:  # malformed EXIF: the pixels are fine but their orientation is unknown
             raise ImageReadError(name, f"unreadable EXIF orientation: {exc}") from None
