@@ -209,11 +209,13 @@ class HashCache:
         self._db.close()
 
 
-def perceptual_hashes(paths: Sequence[Path], *, use_cache: bool = True, progress: bool = True
-                      ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def perceptual_hashes(paths: Sequence[Path], *, use_cache: bool = True, progress: bool = True,
+                      chunk: int = 256) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """256-bit pHashes of ``paths``: ``(hashes uint8 (N, 32), ok bool (N,), unreadable)``.
 
-    Unreadable or missing files get ``ok=False`` and a ``{"image", "reason"}`` entry; the rest go on.
+    Files are read in chunks (memory stays ~``chunk`` files, whatever the data set size); each file's
+    SHA-256 is looked up in the cache and only unknown contents are decoded. Unreadable or missing
+    files get ``ok=False`` and a ``{"image", "reason"}`` entry; the rest go on.
     """
     from covidcxr.progress import make_progress
 
@@ -222,53 +224,52 @@ def perceptual_hashes(paths: Sequence[Path], *, use_cache: bool = True, progress
     ok = np.zeros(n, dtype=bool)
     unreadable: list[dict] = []
     cache = HashCache() if use_cache else None
-    contents: dict[int, tuple[str, bytes]] = {}
     try:
         with make_progress(disable=not progress) as bar:
             task = bar.add_task("hashing images", total=n)
-            keys: list[str | None] = [None] * n
-            for i, p in enumerate(paths):  # read + content-hash everything first: cache lookups are one query
-                try:
-                    data = Path(p).read_bytes()
-                except OSError as exc:
-                    unreadable.append({"image": str(p), "reason": "file not found" if isinstance(exc, FileNotFoundError)
-                                       else f"cannot read file: {exc.strerror or exc}"})
-                    continue
-                keys[i] = hashlib.sha256(data).hexdigest()
-                contents[i] = (keys[i], data)
-            cached = cache.get_many([k for k in keys if k]) if cache else {}
-            new: dict[str, bytes] = {}
-            for i in range(n):
-                if i in contents:
-                    key, data = contents.pop(i)
-                    h = cached.get(key) or new.get(key)
+            for start in range(0, n, chunk):
+                contents: dict[int, tuple[str, bytes]] = {}
+                for i in range(start, min(start + chunk, n)):
+                    try:
+                        data = Path(paths[i]).read_bytes()
+                    except OSError as exc:
+                        reason = "file not found" if isinstance(exc, FileNotFoundError) else \
+                            f"cannot read file: {exc.strerror or exc}"
+                        unreadable.append({"image": str(paths[i]), "reason": reason})
+                        continue
+                    contents[i] = (hashlib.sha256(data).hexdigest(), data)
+                known = cache.get_many([k for k, _ in contents.values()]) if cache else {}
+                new: dict[str, bytes] = {}
+                for i, (key, data) in contents.items():
+                    h = known.get(key) or new.get(key)
                     if h is None:
                         try:
-                            h = _phash_bytes(data, str(paths[i]))
+                            h = new[key] = _phash_bytes(data, str(paths[i]))
                         except CovidCXRError as exc:
                             unreadable.append({"image": str(paths[i]), "reason": getattr(exc, "reason", str(exc))})
-                            h = None
-                        if h is not None:
-                            new[key] = h
-                    if h is not None:
-                        hashes[i] = np.frombuffer(h, dtype=np.uint8)
-                        ok[i] = True
-                bar.advance(task)
-            if cache:
-                cache.put_many(new)
+                            continue
+                    hashes[i] = np.frombuffer(h, dtype=np.uint8)
+                    ok[i] = True
+                if cache:
+                    cache.put_many(new)
+                bar.advance(task, min(start + chunk, n) - start)
     finally:
         if cache:
             cache.close()
     return hashes, ok, unreadable
 
 
-def hamming_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def hamming_pairs(hashes: np.ndarray, max_distance: int, block: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs ``i < j`` of packed hashes within ``max_distance`` bits: ``(i, j, distance)``.
 
-    Vectorised: XOR of 64-bit words and ``np.bitwise_count`` over blocks of rows (memory ~ block x N).
+    Vectorised: XOR of 64-bit words and ``np.bitwise_count`` over blocks of rows. The default block
+    keeps the temporary (block x N x words) array near 64 MB whatever N is.
     """
     words = np.ascontiguousarray(hashes).view(np.uint64)
     n = len(words)
+    if block is None:
+        block = int(max(1, min(256, (64 << 20) // max(1, n * words.shape[1] * 8))))
     found_i, found_j, found_d = [], [], []
     for start in range(0, n, block):
         stop = min(start + block, n)
