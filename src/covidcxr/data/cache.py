@@ -45,6 +45,7 @@ from covidcxr import paths
 from covidcxr.data.io import DEFAULT_MAX_PIXELS, READER_VERSION, XRay, decode_xray
 from covidcxr.errors import ConfigError, ImageReadError
 from covidcxr.progress import make_progress
+from covidcxr.files import atomic_write_bytes, json_default
 
 #: Bump when the entry layout or the resize changes; old entries are then simply never looked up.
 CACHE_FORMAT = "2"
@@ -274,7 +275,7 @@ class WorkingSizeCache:
     def _write_entry(self, entry: Path, digest: str, stored: np.ndarray, meta: dict) -> None:
         stored = np.ascontiguousarray(stored, dtype="<u2")
         header = json.dumps({"key": self.key(digest), "settings": self.settings, "shape": list(stored.shape),
-                             "dtype": "<u2", "meta": meta}, default=_json_default).encode()
+                             "dtype": "<u2", "meta": meta}, default=json_default).encode()
         payload = struct.pack(">I", len(header)) + header + stored.tobytes()
         # A cache needs atomicity (readers never see half a file) but not durability: after a
         # crash a torn entry fails its CRC and is rebuilt, so skip the fsync (it tripled cold-pass time).
@@ -310,21 +311,7 @@ class WorkingSizeCache:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    # The run-directory helper (temp file + rename) is the project's one atomic write; imported
-    # here so that reading the cache does not import torch.
-    from covidcxr.models.run import atomic_write_bytes
-
     atomic_write_bytes(path, data, fsync=False)
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, (tuple, Path)):
-        return list(o) if isinstance(o, tuple) else str(o)
-    return str(o)
 
 
 # ---------------------------------------------------------------------------- pre-warming

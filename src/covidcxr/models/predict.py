@@ -40,11 +40,11 @@ def file_sha256(path: str | Path) -> str:
 
 def _load(path: str) -> tuple[str, np.ndarray | None, str | None, str | None]:
     """(path, pixels, input sha256, error reason) for one file; never raises for bad input."""
-    from covidcxr.data import read_xray
+    from covidcxr.data import decode_xray
 
     try:
-        digest = file_sha256(path)
-        return path, read_xray(path).pixels, digest, None
+        data = Path(path).read_bytes()  # hash and decode the same bytes: the file is read once
+        return path, decode_xray(data, path).pixels, hashlib.sha256(data).hexdigest(), None
     except CovidCXRError as exc:
         return path, None, None, getattr(exc, "reason", str(exc))
     except OSError as exc:

@@ -27,45 +27,10 @@ from covidcxr.data.preprocess import PreprocessSpec, preprocess
 from covidcxr.errors import CovidCXRError, WeightsError
 from covidcxr.models.registry import create_model
 from covidcxr.models.weights import sha256_file
+from covidcxr.files import atomic_write_bytes, json_default, write_json  # noqa: F401  (re-exported)
 
 RUN_JSON = "run.json"
 MODEL_FILE = "model.safetensors"
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write via a temporary file + rename so a killed process never leaves half a file.
-
-    ``fsync=False`` keeps the atomicity but skips forcing the data to disk (for caches that verify
-    their entries anyway; the fsync dominates writing many small files).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def save_model(run_dir: str | Path, model: nn.Module, *, architecture: str, classes: Sequence[str],
@@ -166,6 +131,23 @@ class EnsembleModel(nn.Module):
         return probs.clamp_min(1e-12).log()
 
 
+class FlipTTAModel(nn.Module):
+    """Test-time augmentation recorded in ``run.json["tta"] = ["hflip"]``: the mean of the probabilities
+    for the image and its horizontal mirror, returned as log-probabilities (usable as logits)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = (self.model(x).softmax(dim=1) + self.model(torch.flip(x, dims=[3])).softmax(dim=1)) / 2
+        return probs.clamp_min(1e-12).log()
+
+
+#: Test-time augmentations a run may record (``run.json["tta"]``), applied by :func:`load_run`.
+TTA_WRAPPERS = {"hflip": FlipTTAModel}
+
+
 @dataclass
 class LoadedRun:
     """A model ready to predict, with everything needed to use it exactly as trained."""
@@ -237,6 +219,11 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", verify:
 
         model = create_model(record["architecture"], len(record["classes"]), channels=record["channels"])
         model.load_state_dict(load_file(str(model_path)), strict=True)
+    for name in record.get("tta") or []:
+        if name not in TTA_WRAPPERS:
+            raise CovidCXRError(f"{run_dir / RUN_JSON}: unknown test-time augmentation {name!r}; "
+                                f"known: {sorted(TTA_WRAPPERS)}")
+        model = TTA_WRAPPERS[name](model)
     model.eval().to(device)
     return LoadedRun(
         run_dir=run_dir, model=model, spec=PreprocessSpec.from_dict(record["preprocess"]),
