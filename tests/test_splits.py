@@ -80,3 +80,14 @@ def test_split_cli_writes_manifest(shared_manifest, tmp_path):
     assert written.table["split"].tolist() == expected["split"].tolist()
     assert written.table["fold"].tolist() == expected["fold"].tolist()
     assert "train" in result.output and "patients" in result.output
+
+
+def test_small_manifest_still_gets_every_requested_split(shared_manifest):
+    for n in (3, 6, 12):
+        small = shared_manifest.subset(mask=np.arange(len(shared_manifest)) < n)
+        for seed in range(4):
+            t = assign_splits(small, seed=seed).table
+            assert set(t["split"]) == {"train", "val", "test"}, (n, seed)
+            assert t.groupby("patient_id")["split"].nunique().max() == 1
+    only_train = assign_splits(shared_manifest.subset(mask=np.arange(len(shared_manifest)) < 12), val=0, test=0, folds=3)
+    assert set(only_train.table["split"]) == {"train"} and set(only_train.table["fold"]) == {0, 1, 2}

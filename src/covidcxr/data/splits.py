@@ -71,6 +71,14 @@ def grouped_stratified_parts(patients: pd.DataFrame, fractions: Sequence[float],
         # Random offset so the first patients of every stratum are not always in the first part.
         middle = (middle + rng.random()) % 1.0
         part[idx] = np.minimum(np.searchsorted(bounds, middle, side="right"), len(bounds) - 1)
+    # Small data: a part asked for (fraction > 0) must not end up empty while another has patients to
+    # spare; move one random patient from the fullest part.
+    wanted = [k for k, f in enumerate(fractions) if f > 0]
+    if len(patients) >= len(wanted):
+        for k in wanted:
+            if not (part == k).any():
+                donor = np.bincount(part, minlength=len(fractions)).argmax()
+                part[rng.choice(np.flatnonzero(part == donor))] = k
     return part
 
 
