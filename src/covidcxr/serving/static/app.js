@@ -87,7 +87,7 @@ function showResult(result) {
   }
   const positive = result.positive_class;
   $("verdict").textContent = `Predicted: ${result.predicted}` +
-    (positive && result.threshold != null ? ` (p(${positive}) = ${fmt(result.probabilities[positive])}, threshold ${fmt(result.threshold)})` : "");
+    (positive && result.threshold != null ? ` (p(${positive}) = ${result.probabilities[positive].toFixed(3)}, threshold ${fmt(result.threshold)})` : "");
   const body = $("probabilities").querySelector("tbody");
   body.replaceChildren();
   for (const cls of result.classes) {
