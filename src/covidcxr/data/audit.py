@@ -104,7 +104,7 @@ class AuditReport:
         }
 
     def write_json(self, path: str | Path) -> Path:
-        from covidcxr.models.run import write_json
+        from covidcxr.files import write_json
 
         write_json(Path(path), self.to_dict())
         return Path(path)

@@ -457,7 +457,7 @@ def import_dataset(format: str, path: str | Path, *, out: str | Path | None = No
     result = ImportResult(manifest, skipped, list(cand.warnings))
     if out is not None:
         manifest.write(out)
-        from covidcxr.models.run import atomic_write_bytes
+        from covidcxr.files import atomic_write_bytes
 
         atomic_write_bytes(skipped_path(out), skipped.to_csv(index=False, lineterminator="\n").encode())
     return result

@@ -120,7 +120,7 @@ class Manifest:
         Image paths are rewritten relative to the output file's folder, so the written manifest
         stays valid wherever it is placed. Returns the path written.
         """
-        from covidcxr.models.run import atomic_write_bytes
+        from covidcxr.files import atomic_write_bytes
 
         path = Path(path)
         out_dir = path.resolve().parent
