@@ -143,8 +143,10 @@ def test_audit_cli_json_and_exit_code(split_manifest, tmp_path):
     clean = m.write(tmp_path / "clean.csv")
     runner = CliRunner()
     out = tmp_path / "audit.json"
-    result = runner.invoke(app, ["data", "audit", str(clean), "--json", str(out)])
+    png = tmp_path / "audit.png"
+    result = runner.invoke(app, ["data", "audit", str(clean), "--json", str(out), "--plot", str(png)])
     assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     report = json.loads(out.read_text())
     assert report["ok"] and report["n_images"] == len(rows) and "source_x_label" in report["tables"]
     leaky = rows.copy()

@@ -78,11 +78,13 @@ def data_audit(
     strict: bool = typer.Option(False, "--strict", help="Near-duplicates across splits / sources and unreadable images are errors."),
     max_distance: int = typer.Option(24, "--max-distance", help="pHash distance (of 256 bits) at or below which images are near-duplicates."),
     duplicates: bool = typer.Option(True, "--duplicates/--no-duplicates", help="Hash images to find near-duplicates."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a PNG: label mix per source and split, ages by label."),
 ) -> None:
     """Check a manifest for patient leakage, near-duplicates and source / demographic shortcuts. Exit 1 on errors."""
     from covidcxr.data.audit import audit_file
 
-    report = audit_file(manifest, json_out=json_out, strict=strict, max_distance=max_distance, duplicates=duplicates)
+    report = audit_file(manifest, json_out=json_out, plot_out=plot, strict=strict, max_distance=max_distance,
+                        duplicates=duplicates)
     report.render(console)
     if not report.ok:
         raise typer.Exit(1)

@@ -109,6 +109,48 @@ class AuditReport:
         write_json(Path(path), self.to_dict())
         return Path(path)
 
+    def plot(self, path: str | Path, table: pd.DataFrame | None = None) -> Path:
+        """One PNG: label mix of every source per split (stacked bars; a one-colour bar is a source
+        that alone predicts the label) and, if ``table`` (the manifest table) is given, known ages by
+        label. Returns ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        sxl = self.tables["source_x_label"].drop(columns="total")
+        labels = list(sxl.columns)
+        colours = dict(zip(["covid", "normal", "pneumonia", "other"], ["#d62728", "#2ca02c", "#1f77b4", "#7f7f7f"]))
+        has_age = table is not None and table["age_years"].notna().any()
+        fig, axes = plt.subplots(1, 2 if has_age else 1, figsize=(13 if has_age else 8, 0.32 * len(sxl) + 1.8),
+                                 squeeze=False, gridspec_kw={"width_ratios": [2, 1]} if has_age else None)
+        ax = axes[0, 0]
+        names = [f"{split}: {_short(source)}" for split, source in sxl.index]
+        left = np.zeros(len(sxl))
+        for lab in labels:
+            ax.barh(names, sxl[lab].to_numpy(), left=left, label=lab, color=colours.get(lab))
+            left += sxl[lab].to_numpy()
+        ax.invert_yaxis()
+        ax.set_xlabel("images")
+        ax.set_title("label mix per source and split")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        if has_age:
+            ax = axes[0, 1]
+            groups = [(lab, table.loc[table["label"] == lab, "age_years"].dropna()) for lab in labels]
+            groups = [(lab, a) for lab, a in groups if len(a)]
+            ax.boxplot([a.to_numpy() for _, a in groups], vert=True, showfliers=False)
+            ax.set_xticks(range(1, len(groups) + 1),
+                          [f"{lab}\n{len(a)}/{int((table['label'] == lab).sum())} known" for lab, a in groups], fontsize=7)
+            ax.set_ylabel("age (years)")
+            ax.set_title("known ages by label")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     def render(self, console=None, max_pairs: int = 20) -> None:
         """Print the report as rich tables."""
         from rich.console import Console
@@ -519,15 +561,23 @@ def audit_manifest(manifest: Manifest, *, strict: bool = False, max_distance: in
     return report
 
 
-def audit_file(manifest_path: str | Path, *, json_out: str | Path | None = None, **kwargs) -> AuditReport:
-    """Read a manifest file, audit it and (optionally) write the JSON report."""
-    report = audit_manifest(Manifest.read(manifest_path), **kwargs)
+def audit_file(manifest_path: str | Path, *, json_out: str | Path | None = None, plot_out: str | Path | None = None,
+               **kwargs) -> AuditReport:
+    """Read a manifest file, audit it and (optionally) write the JSON report and the figure."""
+    manifest = Manifest.read(manifest_path)
+    report = audit_manifest(manifest, **kwargs)
     if json_out is not None:
         report.write_json(json_out)
+    if plot_out is not None:
+        report.plot(plot_out, manifest.table)
     return report
 
 
 # ---------------------------------------------------------------------- helpers
+def _short(source: str, width: int = 28) -> str:
+    return source if len(source) <= width else source[: width - 1] + "\u2026"
+
+
 def _top(dist: pd.Series, k: int = 3) -> str:
     return ", ".join(f"{idx} {v:.0%}" for idx, v in dist.sort_values(ascending=False).head(k).items() if v > 0)
 
