@@ -19,7 +19,6 @@ from covidcxr.evaluation.evaluate import evaluate_run, format_estimate
 from covidcxr.evaluation.report import build_report, render_markdown
 
 from test_evaluate import small_eval_manifest  # noqa: E402  (tests/ is on sys.path under pytest)
-from test_evaluate import trained_run  # noqa: F401  TEMPORARY until conftest has it
 
 CHROMIUM = Path("/usr/bin/chromium")
 
