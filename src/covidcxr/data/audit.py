@@ -139,7 +139,7 @@ class AuditReport:
             ax = axes[0, 1]
             groups = [(lab, table.loc[table["label"] == lab, "age_years"].dropna()) for lab in labels]
             groups = [(lab, a) for lab, a in groups if len(a)]
-            ax.boxplot([a.to_numpy() for _, a in groups], vert=True, showfliers=False)
+            ax.boxplot([a.to_numpy() for _, a in groups], showfliers=False)
             ax.set_xticks(range(1, len(groups) + 1),
                           [f"{lab}\n{len(a)}/{int((table['label'] == lab).sum())} known" for lab, a in groups], fontsize=7)
             ax.set_ylabel("age (years)")
