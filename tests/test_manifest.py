@@ -167,3 +167,14 @@ def test_yaml_label_space_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as err:
         get_label_space(path)
     assert str(path) in str(err.value)
+
+
+def test_table_values_are_normalised_without_touching_numeric_extras(shared_manifest):
+    t = shared_manifest.table.head(4).drop(columns="age_years").copy()
+    t["sex"] = [None, pd.NA, float("nan"), "F"]
+    t["patient_id"] = [7, 7.0, "p:3", "p:4"]
+    t["score"] = [0.1, 0.2, 0.3, 0.4]
+    m = Manifest(t, root=shared_manifest.root)
+    assert m.table["sex"].tolist() == ["", "", "", "F"]
+    assert m.table["patient_id"].tolist() == ["7", "7", "p:3", "p:4"]
+    assert m.table["score"].dtype == float

@@ -261,10 +261,14 @@ def validate_table(table: pd.DataFrame, name: str = "manifest") -> pd.DataFrame:
     if "offset_days" not in table.columns:
         table["offset_days"] = np.nan
 
+    text_columns = set(REQUIRED_COLUMNS) - set(NUMERIC_COLUMNS)
     for col in table.columns:
         if col in NUMERIC_COLUMNS or col == "fold":
             continue
-        table[col] = table[col].map(_as_text)
+        # Required text columns always become text; extra columns only if they are not numeric
+        # (a caller's numeric extra, e.g. a score, stays a number in memory).
+        if col in text_columns or not pd.api.types.is_numeric_dtype(table[col]):
+            table[col] = table[col].map(_as_text)
 
     for col in ("image", "patient_id", "source"):
         empty = table.index[table[col] == ""]
@@ -296,7 +300,7 @@ def validate_table(table: pd.DataFrame, name: str = "manifest") -> pd.DataFrame:
 
 
 def _as_text(v) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
+    if v is None or (not isinstance(v, str) and np.ndim(v) == 0 and pd.isna(v)):
         return ""
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
