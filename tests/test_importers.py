@@ -186,17 +186,28 @@ def test_covidx_label_files(data_root, tmp_path):
 
 
 def test_dicom_folder_with_labels_csv(data_root, tmp_path):
+    import pydicom
+
     root = tmp_path / "dicoms"
     root.mkdir()
     shutil.copy(data_root / "dicom" / "RG1_J2KI.dcm", root / "chest.dcm")
+    lateral = pydicom.dcmread(data_root / "dicom" / "RG1_UNCR.dcm")
+    lateral.ViewPosition = "LL"
+    lateral.PatientID = "LAT-1"
+    lateral.save_as(root / "lateral.dcm")
     (root / "fake.dcm").write_text("not dicom at all")
-    pd.DataFrame({"file": ["chest.dcm", "fake.dcm", "absent.dcm"], "label": ["normal", "covid", "covid"]}) \
-        .to_csv(root / "labels.csv", index=False)
+    shutil.copy(_images(data_root, "nih/normal", 1)[0], root / "photo.dcm")  # a JPEG named .dcm
+    pd.DataFrame({"file": ["chest.dcm", "lateral.dcm", "fake.dcm", "absent.dcm", "photo.dcm"],
+                  "label": ["normal", "covid", "covid", "covid", "normal"]}).to_csv(root / "labels.csv", index=False)
     result = import_dataset("dicom", root, progress=False)
     t = result.manifest.table
     assert len(t) == 1 and t["label"].iloc[0] == "normal" and t["view"].iloc[0] == "PA"
-    assert t["patient_id"].iloc[0].startswith("dicoms:") and len(t["patient_id"].iloc[0]) > len("dicoms:")
-    assert set(result.skipped["image"].map(lambda p: Path(p).name)) == {"fake.dcm", "absent.dcm"}
+    header_id = str(pydicom.dcmread(root / "chest.dcm", stop_before_pixels=True).PatientID)
+    assert header_id and t["patient_id"].iloc[0] == f"dicoms:{header_id}"
+    reasons = {Path(p).name: r for p, r in zip(result.skipped["image"], result.skipped["reason"])}
+    assert set(reasons) == {"lateral.dcm", "fake.dcm", "absent.dcm", "photo.dcm"}
+    assert "lateral" in reasons["lateral.dcm"] and "ViewPosition is LL" in reasons["lateral.dcm"]
+    assert reasons["absent.dcm"] == "file not found" and "not a DICOM" in reasons["photo.dcm"]
     with pytest.raises(ConfigError, match="labels CSV not found"):
         import_dataset("dicom", root, labels=root / "nope.csv", progress=False)
 

@@ -103,6 +103,7 @@ class Candidates:
     root: Path
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    checked: set[str] = field(default_factory=set)  # images the importer already decoded
 
     def skip(self, image, reason: str) -> None:
         self.skipped.append({"image": str(image), "reason": reason})
@@ -331,12 +332,19 @@ def import_covidx(path: Path, *, source: str | None = None, **_) -> Candidates:
 
 
 @register_importer("dicom")
-def import_dicom_folder(path: Path, *, labels: str | Path | None = None, source: str | None = None, **_) -> Candidates:
+def import_dicom_folder(path: Path, *, labels: str | Path | None = None, source: str | None = None,
+                        check_images: bool = True, **_) -> Candidates:
     """A folder of DICOM files plus a labels CSV (``--labels``, default ``PATH/labels.csv``) with a
-    ``file`` column (relative to PATH, or absolute) and ``label`` and/or ``finding``. Patient id and view
-    come from the DICOM header (``PatientID``, ``ViewPosition``), sex / age from ``PatientSex`` /
-    ``PatientAge`` unless the CSV gives them."""
+    ``file`` column (relative to PATH, or absolute) and ``label`` and/or ``finding``.
+
+    Each file is read with :func:`~covidcxr.data.io.read_xray` (which refuses non-frontal / non-chest
+    DICOMs); patient id and view come from its ``meta`` (``PatientID``, ``ViewPosition``) unless the CSV
+    gives them, sex / age from ``PatientSex`` / ``PatientAge``. With ``check_images=False`` only the
+    header is read.
+    """
     import pydicom
+
+    from covidcxr.data.io import read_xray
 
     root = _require_dir(Path(path), "DICOM folder")
     labels_csv = Path(labels) if labels else root / "labels.csv"
@@ -353,32 +361,41 @@ def import_dicom_folder(path: Path, *, labels: str | Path | None = None, source:
         file = file if file.is_absolute() else root / file
         finding = _text(r.get("finding", "")) or _text(r.get("label", ""))
         label = _text(r.get("label", "")).lower() or label_from_finding(finding)
-        record = {"image": str(file), "finding": finding, "label": label if label in LABELS else None,
-                  "source": _text(r.get("source", "")) or source, "patient_id": _text(r.get("patient_id", "")),
-                  "view": _text(r.get("view", "")), "sex": _text(r.get("sex", "")), "age": _text(r.get("age", ""))}
         if label and label not in LABELS:
             cand.skip(file, f"{labels_csv.name} row {i + 1}: label {label!r} is not one of {list(LABELS)}")
             continue
-        try:
-            ds = pydicom.dcmread(file, stop_before_pixels=True)
-        except FileNotFoundError:
+        if not file.is_file():
             cand.skip(file, "file not found")
+            continue
+        try:
+            meta = read_xray(file).meta if check_images else None
+            if meta is not None and meta.get("format") != "dicom":
+                cand.skip(file, f"not a DICOM file (its content is {meta.get('format', 'unknown').upper()})")
+                continue
+            ds = pydicom.dcmread(file, stop_before_pixels=True)
+        except CovidCXRError as exc:
+            cand.skip(file, getattr(exc, "reason", str(exc)))
             continue
         except Exception as exc:  # pydicom raises many types for non-DICOM input
             cand.skip(file, f"not a readable DICOM file: {type(exc).__name__}: {exc}"[:200])
             continue
-        pid = record["patient_id"] or str(ds.get("PatientID", "") or "").strip()
+        header = meta or {"patient_id": str(ds.get("PatientID", "") or "").strip(),
+                          "view_position": str(ds.get("ViewPosition", "") or "").strip().upper()}
+        record = {"image": str(file), "finding": finding, "label": label or None,
+                  "source": _text(r.get("source", "")) or source}
+        pid = _text(r.get("patient_id", "")) or header.get("patient_id", "")
         if not pid:
             cand.skip(file, "no patient id (empty DICOM PatientID and no patient_id column)")
             continue
         record["patient_id"] = pid if ":" in pid else f"{_prefix_for(record['source'])}:{pid}"
-        record["view"] = record["view"] or str(ds.get("ViewPosition", "") or "").strip()
-        record["sex"] = record["sex"] or str(ds.get("PatientSex", "") or "").strip()
-        age = record["age"] or str(ds.get("PatientAge", "") or "").strip()  # DICOM AS: '045Y'
-        m = re.match(r"^0*(\d+)Y$", age)
+        record["view"] = _text(r.get("view", "")) or header.get("view_position", "")
+        record["sex"] = _text(r.get("sex", "")) or str(ds.get("PatientSex", "") or "").strip()
+        age = _text(r.get("age", "")) or str(ds.get("PatientAge", "") or "").strip()
+        m = re.match(r"^0*(\d+)Y$", age)  # DICOM age string: '045Y'
         record["age"] = m.group(1) if m else age
-        record["study_date"] = str(ds.get("StudyDate", "") or "")
+        record["study_date"] = header.get("study_date", "")
         records.append(record)
+        cand.checked.add(str(file))
     cand.rows = _frame(records)
     return cand
 
@@ -397,7 +414,7 @@ def _check_images(rows: pd.DataFrame, cand: Candidates, *, check_images: bool, p
             if not p.is_file():
                 cand.skip(p, "file not found")
                 ok[k] = False
-            elif check_images:
+            elif check_images and image not in cand.checked:
                 try:
                     read_xray(p)
                 except CovidCXRError as exc:
@@ -421,7 +438,7 @@ def import_dataset(format: str, path: str | Path, *, out: str | Path | None = No
     """
     if format not in IMPORTERS:
         raise ConfigError(f"unknown import format {format!r}; use one of {sorted(IMPORTERS)}")
-    cand = IMPORTERS[format](Path(path), **options)
+    cand = IMPORTERS[format](Path(path), check_images=check_images, **options)
     rows = cand.rows.reset_index(drop=True)
 
     if label_map is not None:
