@@ -67,5 +67,32 @@ def split_manifest(shared_manifest):
 
 
 # ---------------------------------------------------------------- trained model fixture (training engineer)
-# trained_run: Path to a run directory trained on split_manifest's train/val (binary covid vs non-covid),
-# threshold chosen on val. (defined here)
+#: Overrides of the default training config for the shared test model: EfficientNet-Lite0 from the
+#: shared ImageNet weights, 128 px, 2 short epochs of source-balanced batches, val capped at 200 images.
+TRAINED_RUN_OVERRIDES = [
+    "model.name=tf_efficientnet_lite0",
+    "model.weights=${COVIDCXR_WEIGHTS_DIR}/efficientnet_lite0_imagenet_timm.pth",
+    f"model.weights_sha256={EFFNET_LITE0_SHA256}",
+    "preprocess.image_size=128", "preprocess.intensity=percentile",
+    "train.epochs=2", "train.batch_size=16", "train.samples_per_epoch=128", "train.lr=0.0005",
+    "train.warmup_epochs=0.25", "train.loss_weighting=class_weighted", "train.sampler=source_balanced",
+    "train.selection_metric=within_source_auc", "train.progress=false", "train.seed=0",
+    "data.val_max_images=200", "data.validate_images=exists",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(split_manifest, weights_dir, tmp_path_factory) -> Path:
+    """Run directory of a small real model trained on ``split_manifest`` train / val (binary covid vs
+    non-covid), checkpoint selected on val within-source AUC, Youden threshold chosen on val."""
+    from covidcxr.training import load_config
+    from covidcxr.training.loop import fit
+
+    # Session fixtures start before the autouse per-test cache redirect: redirect here as well.
+    mp = pytest.MonkeyPatch()
+    mp.setenv(paths.CACHE_DIR_ENV, str(tmp_path_factory.getbasetemp() / "covidcxr-cache"))
+    try:
+        return fit(load_config(None, TRAINED_RUN_OVERRIDES), tmp_path_factory.mktemp("trained_run") / "run",
+                   manifest=split_manifest)
+    finally:
+        mp.undo()

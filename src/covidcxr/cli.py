@@ -110,7 +110,22 @@ def data_cache(
 
 
 # ---------------------------------------------------------------- train (issue: training)
-# (train command goes here)
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Path = typer.Argument(..., help="YAML training config (see configs/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (model, run.json, metrics, model card)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. model.name=resnet18 train.epochs=3"),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from RUN_DIR/checkpoints/last.pt."),
+    folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Train a K-fold patient-grouped ensemble."),
+) -> None:
+    """Train a model (or a k-fold ensemble) and write a run directory."""
+    import logging
+
+    from covidcxr.training import run_training
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_dir = run_training(config, out, overrides=list(overrides or []), resume=resume, folds=folds)
+    console.print(f"run written to [bold]{run_dir}[/bold] (run.json, model, metrics.jsonl, MODEL_CARD.md)")
 
 
 # ---------------------------------------------------------------- evaluate / report / compare (issue: evaluation)

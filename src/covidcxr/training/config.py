@@ -1,0 +1,263 @@
+"""Training configuration: a YAML file validated with pydantic, overridable key by key.
+
+``load_config("configs/quick.yaml", ["model.name=resnet18", "train.epochs=3"])`` reads the YAML,
+applies the dotted ``key=value`` overrides (values parsed as YAML, so ``3`` is an int and
+``[a, b]`` a list), expands ``${COVIDCXR_DATA_ROOT}`` / ``${COVIDCXR_WEIGHTS_DIR}`` /
+``${COVIDCXR_CACHE_DIR}`` (defaults from :mod:`covidcxr.paths`, so one config works in CI and for
+users) and any other ``${VAR}`` from the environment, then validates. Every error names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from covidcxr import paths
+from covidcxr.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a config must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    manifest: str = "${COVIDCXR_DATA_ROOT}/manifest.csv"
+    label_space: str = "binary"  # binary | 3class | path to a YAML mapping
+    split_column: str = "split"
+    # Only used when the manifest has no split column: split it here (patient-grouped) and record it.
+    split_seed: Optional[int] = None
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    holdout_sources: list[str] = []
+    # Cap on validation images (stratified by label x source, seeded); None = all of them.
+    val_max_images: Optional[int] = Field(None, ge=10)
+    # decode: read every image once before training and skip (and report) unreadable ones;
+    # exists: only check the files exist (faster; a later decode failure stops training with the file name).
+    validate_images: Literal["decode", "exists"] = "decode"
+
+
+class ModelConfig(_Section):
+    name: str = "tf_efficientnet_lite0"
+    weights: str = "none"  # none | imagenet | path to .safetensors / .pth
+    weights_sha256: Optional[str] = None
+    channels: Literal[1, 3] = 3
+    finetune: Literal["full", "linear", "last_k"] = "full"
+    last_k: int = Field(1, ge=1)
+    backbone_lr_mult: float = Field(1.0, ge=0)
+
+
+class PreprocessConfig(_Section):
+    image_size: int = Field(224, ge=32, le=1024)
+    intensity: Literal["none", "minmax", "percentile", "hist_eq", "clahe"] = "clahe"
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    clahe_clip: float = Field(2.0, gt=0)
+    clahe_tiles: int = Field(8, ge=1)
+
+
+class AugmentConfig(_Section):
+    enabled: bool = True
+    rotation_deg: float = Field(10.0, ge=0, le=45)
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = Field(0.06, ge=0, le=0.3)
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+    hflip_p: float = Field(0.0, ge=0, le=1)  # off by default: the heart is on the left
+    # Strong intensity augmentation against per-source contrast / sharpness / noise signatures.
+    strong_intensity: bool = False
+    gamma: tuple[float, float] = (0.7, 1.5)
+    blur_p: float = Field(0.3, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    noise_p: float = Field(0.3, ge=0, le=1)
+    noise_std: float = Field(0.03, ge=0, le=0.5)
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mix_p: float = Field(1.0, ge=0, le=1)  # probability a batch is mixed when an alpha > 0
+
+    @field_validator("scale", "gamma", "blur_sigma")
+    @classmethod
+    def _ordered(cls, v):
+        if v[0] > v[1] or v[0] <= 0:
+            raise ValueError(f"need 0 < low <= high, got {list(v)}")
+        return v
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.5, ge=0)
+    step_epochs: int = Field(10, ge=1)
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=2)
+    samples_per_epoch: Optional[int] = Field(None, ge=2)  # None: one pass over the training images
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    patience: Optional[int] = Field(5, ge=1)  # early stopping on the selection metric; None: off
+    min_delta: float = Field(0.0, ge=0)
+    selection_metric: Literal["auc", "within_source_auc", "val_loss"] = "within_source_auc"
+    loss_weighting: Literal["none", "class_weighted"] = "none"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    sampler: Literal["none", "balanced", "source_balanced"] = "source_balanced"
+    # Relative draw weight of sources that hold one class only (see docs/training.md); 0 drops them.
+    single_class_source_weight: float = Field(1.0, ge=0)
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = True
+    threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    tensorboard: bool = False
+    threshold_method: Literal["youden", "sensitivity"] = "youden"
+    threshold_target: Optional[float] = Field(None, gt=0, lt=1)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _threshold_target(self):
+        if self.threshold_method == "sensitivity" and self.threshold_target is None:
+            raise ValueError("threshold_method 'sensitivity' needs threshold_target (e.g. 0.95)")
+        return self
+
+
+class EnsembleConfig(_Section):
+    folds: Optional[int] = Field(None, ge=2)  # k-fold ensemble (also: `covidcxr train --folds K`)
+    fold_column: str = "fold"
+    tta: list[Literal["hflip"]] = []  # test-time augmentation recorded in the run, applied at inference
+
+
+class TrainingConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+
+_ENV_DEFAULTS = {
+    paths.DATA_ROOT_ENV: paths.data_root,
+    paths.WEIGHTS_DIR_ENV: paths.weights_dir,
+    paths.CACHE_DIR_ENV: paths.cache_dir,
+}
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_vars(value: str, key: str = "") -> str:
+    """Expand ``${VAR}``; covidcxr's own variables fall back to :mod:`covidcxr.paths` defaults."""
+
+    def repl(m: re.Match) -> str:
+        name = m.group(1)
+        if os.environ.get(name):
+            return os.environ[name]
+        if name in _ENV_DEFAULTS:
+            return str(_ENV_DEFAULTS[name]())
+        raise ConfigError(f"config key {key or '?'}: environment variable {name} is not set (used in {value!r})")
+
+    return _VAR.sub(repl, value)
+
+
+def _expand_tree(obj: Any, key: str = "") -> Any:
+    if isinstance(obj, dict):
+        return {k: _expand_tree(v, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_expand_tree(v, key) for v in obj]
+    if isinstance(obj, str):
+        return expand_vars(obj, key)
+    return obj
+
+
+def _known_keys(model: type[BaseModel] = TrainingConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
+    """Apply ``section.key=value`` strings to a config dict (values parsed as YAML)."""
+    known = _known_keys()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=3)
+            raise ConfigError(f"override {item!r}: unknown config key {key!r}"
+                              + (f"; did you mean {', '.join(hint)}?" if hint else f"; known keys: {', '.join(known)}"))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = value
+    return tree
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(key, _known_keys(), n=1)
+            msg = "unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")
+        got = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict) else ""
+        parts.append(f"config key {key}: {msg}{got}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def validate_config(tree: dict | None, origin: str = "config") -> TrainingConfig:
+    """Validate a config dict (already overridden); raises ConfigError naming each bad key."""
+    tree = _expand_tree(tree or {})
+    try:
+        return TrainingConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainingConfig:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
+    tree: dict = {}
+    origin = "config"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (examples are in configs/)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
+    return validate_config(apply_overrides(tree, overrides), origin)
+
+
+def dump_config(config: TrainingConfig) -> str:
+    """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

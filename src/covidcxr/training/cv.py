@@ -1,0 +1,139 @@
+"""k-fold ensembles (e.g. the Castiglioni protocol's 10 folds) and the one entry point ``run_training``.
+
+``train_kfold(config, out_dir, folds=K)``:
+
+* folds come from the manifest's ``fold`` column (``covidcxr data split --folds K``); when it is
+  missing (or holds another number of folds) they are made here over the development rows
+  (``split`` train + val), patient-grouped and stratified by label x source
+  (:func:`covidcxr.data.splits.assign_splits`), and recorded in the run;
+* member k trains on the other folds and selects its checkpoint on fold k, in
+  ``RUN_DIR/members/fold_k`` (a complete run directory of its own);
+* the ensemble (``models.run.save_ensemble``: mean of the members' probabilities) gets its decision
+  threshold from the out-of-fold validation predictions (``oof_predictions.csv``) - every
+  development image scored by the member that did not train on it. Test rows are never used.
+* ``ensemble.tta: [hflip]`` is recorded in each member's ``run.json`` (``tta``), so
+  ``load_run`` applies the same test-time augmentation at inference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.data.labels import get_label_space
+from covidcxr.data.manifest import Manifest
+from covidcxr.errors import ConfigError, CovidCXRError
+from covidcxr.models.run import RUN_JSON, atomic_write_bytes, save_ensemble
+from covidcxr.training.config import TrainingConfig, dump_config, load_config
+from covidcxr.training.loop import (CHECKPOINT_DIR, LAST_CKPT, TrainingData, choose_threshold, data_counts, fit,
+                                    prepare_training_data, validation_metrics)
+
+
+def assign_folds(config: TrainingConfig, manifest: Manifest, folds: int) -> tuple[Manifest, np.ndarray, dict]:
+    """``(manifest with a fold column, development mask, info)`` for ``folds`` folds."""
+    base = prepare_training_data(config, manifest)  # validates / creates the split, applies held-out sources
+    manifest = base.manifest
+    dev = base.train_mask | base.val_mask
+    col = config.ensemble.fold_column
+    if col in manifest.table.columns:
+        existing = manifest.table[col].to_numpy()
+        values = sorted(set(int(v) for v in existing[dev]))
+        if values == list(range(folds)):
+            return manifest, dev, {"fold_column": col, "folds": folds, "folds_created_here": False}
+    from covidcxr.data.splits import assign_splits
+
+    seed = config.data.split_seed if config.data.split_seed is not None else config.train.seed
+    dev_manifest = manifest.subset(mask=dev)
+    with_folds = assign_splits(dev_manifest, val=0.0, test=0.0, seed=seed, folds=folds)
+    fold = np.full(len(manifest), -1, dtype=int)
+    fold[dev] = with_folds.table["fold"].to_numpy()
+    table = manifest.table.copy()
+    table[col] = fold
+    return manifest.replace(table), dev, {"fold_column": col, "folds": folds, "folds_created_here": True,
+                                          "fold_seed": seed, "over": "train+val rows"}
+
+
+def train_kfold(config: TrainingConfig, out_dir: str | Path, *, folds: int | None = None,
+                manifest: Manifest | None = None, resume: bool = False) -> Path:
+    """Train a ``folds``-fold patient-grouped ensemble into ``out_dir`` (see module docstring)."""
+    out_dir = Path(out_dir)
+    folds = folds or config.ensemble.folds
+    if not folds or folds < 2:
+        raise ConfigError("config key ensemble.folds: need >= 2 folds for a k-fold ensemble")
+    if (out_dir / RUN_JSON).exists() and not resume:
+        raise CovidCXRError(f"{out_dir}: already holds a finished run; choose another --out")
+    if not resume and any((out_dir / "members").glob(f"fold_*/{CHECKPOINT_DIR}/{LAST_CKPT}")):
+        raise CovidCXRError(f"{out_dir}: holds a partly trained ensemble; pass --resume to continue it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "config.yaml", dump_config(config).encode())
+    manifest, dev, fold_info = assign_folds(config, manifest, folds)
+    col = config.ensemble.fold_column
+    fold = manifest.table[col].to_numpy()
+    members = []
+    for k in range(folds):
+        member_dir = out_dir / "members" / f"fold_{k}"
+        members.append(member_dir)
+        if (member_dir / RUN_JSON).is_file():
+            continue  # finished before an interruption
+        data = TrainingData(manifest, dev & (fold != k), dev & (fold == k), {**fold_info, "fold": k})
+        fit(config, member_dir, data=data, resume=resume and (member_dir / CHECKPOINT_DIR / LAST_CKPT).exists(),
+            extra_info={"fold": k, "folds": folds})
+    return _write_ensemble(config, out_dir, members, manifest, fold_info)
+
+
+def _write_ensemble(config: TrainingConfig, out_dir: Path, members: list[Path], manifest: Manifest,
+                    fold_info: dict) -> Path:
+    space = get_label_space(config.data.label_space)
+    oof = pd.concat([pd.read_csv(m / "val_predictions.csv").assign(fold=k) for k, m in enumerate(members)],
+                    ignore_index=True)
+    atomic_write_bytes(out_dir / "oof_predictions.csv", oof.to_csv(index=False, lineterminator="\n").encode())
+    probs = oof[[f"p_{c}" for c in space.classes]].to_numpy()
+    targets = oof["target"].map({c: i for i, c in enumerate(space.classes)}).to_numpy()
+    oof_metrics = validation_metrics(probs, targets, oof["source"].to_numpy(), space.classes, space.positive)
+    threshold, threshold_info = None, {"method": None}
+    if space.positive is not None:
+        y = (targets == space.classes.index(space.positive)).astype(int)
+        threshold, threshold_info = choose_threshold(config, y, probs[:, space.classes.index(space.positive)])
+        threshold_info["chosen_on"] = "out-of-fold validation predictions"
+    counts = data_counts(manifest, space)
+    atomic_write_bytes(out_dir / "data_counts.csv", counts.to_csv(index=False, lineterminator="\n").encode())
+    member_info = [json.loads((m / RUN_JSON).read_text())["info"] for m in members]
+    info = {
+        "ensemble": {"kind": f"{len(members)}-fold", "folds": len(members), "combine": "mean probability", **fold_info},
+        "selection": {"metric": config.train.selection_metric, "per_member": True,
+                      "members": [mi["selection"] for mi in member_info]},
+        "val_metrics": {k: v for k, v in oof_metrics.items()},
+        "val_metrics_kind": "out-of-fold (each image scored by the member that did not train on it)",
+        "threshold": threshold_info,
+        "tta": list(config.ensemble.tta),
+        "training_manifest": {"path": str(config.data.manifest), "name": manifest.name, "sha256": manifest.sha256(),
+                              "rows": len(manifest), "counts": counts.to_dict(orient="records")},
+        "split": fold_info,
+        "data": {"train_images": int(sum(mi["data"]["train_images"] for mi in member_info) / len(members)),
+                 "val_images": int(len(oof))},
+        "audit": member_info[0].get("audit"),
+        "model": config.model.model_dump(mode="json"),
+        "sampler": config.train.sampler,
+        "seed": config.train.seed,
+        "epochs_run": [mi["epochs_run"] for mi in member_info],
+        "epochs_planned": config.train.epochs,
+    }
+    save_ensemble(out_dir, members, info=info, threshold=threshold)
+    from covidcxr.training.model_card import write_model_card
+
+    write_model_card(out_dir)
+    return out_dir
+
+
+def run_training(config_path: str | Path | None, out_dir: str | Path, *, overrides: list[str] | None = None,
+                 resume: bool = False, folds: int | None = None, manifest: Manifest | None = None) -> Path:
+    """What ``covidcxr train CONFIG --out DIR [--resume] [--folds K] [key=value ...]`` does."""
+    config = load_config(config_path, overrides)
+    if folds is not None:
+        config.ensemble.folds = folds
+    if config.ensemble.folds:
+        return train_kfold(config, out_dir, folds=config.ensemble.folds, manifest=manifest, resume=resume)
+    return fit(config, out_dir, manifest=manifest, resume=resume)

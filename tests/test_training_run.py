@@ -1,0 +1,84 @@
+"""The shared trained model (``trained_run`` fixture): a real short training on the shared data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidcxr.data.io import read_xray
+from covidcxr.models.run import load_run
+from covidcxr.models.weights import sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_directory_is_complete(trained_run):
+    for name in ("run.json", "model.safetensors", "config.yaml", "labels.json", "metrics.jsonl", "metrics.png",
+                 "val_predictions.csv", "data_counts.csv", "MODEL_CARD.md", "checkpoints/last.pt",
+                 "checkpoints/best.safetensors", "audit.json"):
+        assert (trained_run / name).is_file(), name
+    record = json.loads((trained_run / "run.json").read_text())
+    assert record["classes"] == ["non-covid", "covid"] and record["positive_class"] == "covid"
+    assert record["model_sha256"] == sha256_file(trained_run / "model.safetensors")
+    assert record["preprocess"]["image_size"] == 128
+    assert record["preprocess"]["mean"] == [0.5, 0.5, 0.5]  # EfficientNet-Lite0's own normalisation
+
+
+def test_selection_is_recorded_and_made_on_validation(trained_run):
+    record = json.loads((trained_run / "run.json").read_text())
+    sel = record["info"]["selection"]
+    history = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert sel["metric"] == "within_source_auc" and sel["split"] == "val"
+    # The selected epoch is the best one by the selection metric, and its value is recorded.
+    values = [h["val_within_source_auc"] for h in history]
+    assert sel["epoch"] == 1 + int(np.argmax(values)) and sel["value"] == pytest.approx(max(values))
+    for h in history:
+        assert {"train_loss", "val_loss", "val_auc", "lr", "images_per_s", "train_seconds"} <= set(h)
+        assert 0.0 <= h["val_auc"] <= 1.0 and np.isfinite(h["train_loss"])
+    # Within-source AUC is computed only where a source holds both classes (ieee8023 / Figure1).
+    per_source = history[0]["val_auc_per_source"]
+    assert set(per_source) <= {"s-mostafa-a/covid-chestxray-dataset", "agchung/Figure1-COVID-chestxray-dataset"}
+    assert "s-mostafa-a/covid-chestxray-dataset" in per_source
+
+
+def test_threshold_is_youden_on_the_validation_predictions(trained_run, split_manifest):
+    from covidcxr.evaluation.thresholds import select_threshold
+
+    record = json.loads((trained_run / "run.json").read_text())
+    preds = pd.read_csv(trained_run / "val_predictions.csv")
+    # The predictions are of validation rows only - never test.
+    val_images = set(split_manifest.table.loc[split_manifest.table["split"] == "val", "image"])
+    assert set(preds["image"]) <= val_images and len(preds) == record["info"]["data"]["val_images"]
+    y = (preds["target"] == "covid").to_numpy().astype(int)
+    expected = select_threshold(y, preds["p_covid"].to_numpy(), method="youden")
+    assert record["threshold"] == pytest.approx(expected)
+    assert record["info"]["threshold"]["chosen_on"] == "val" and record["info"]["threshold"]["method"] == "youden"
+
+
+def test_loaded_model_reproduces_the_validation_predictions(trained_run, data_root):
+    run = load_run(trained_run)
+    preds = pd.read_csv(trained_run / "val_predictions.csv").head(6)
+    images = [read_xray(data_root / p).pixels for p in preds["image"]]
+    probs = run.predict_arrays(images)
+    np.testing.assert_allclose(probs[:, 1], preds["p_covid"].to_numpy(), atol=2e-3)
+
+
+def test_provenance_and_model_card(trained_run, split_manifest):
+    record = json.loads((trained_run / "run.json").read_text())
+    info = record["info"]
+    assert info["training_manifest"]["sha256"] == split_manifest.sha256()
+    counts = pd.read_csv(trained_run / "data_counts.csv")
+    assert counts["images"].sum() == len(split_manifest)
+    assert set(counts["split"]) == {"train", "val", "test"}
+    labels = json.loads((trained_run / "labels.json").read_text())
+    assert labels["manifest_label_to_class"]["pneumonia"] == "non-covid"
+    card = (trained_run / "MODEL_CARD.md").read_text()
+    assert "Research use only" in card and "Not a medical device" in card
+    assert "within_source_auc" in card and f"{info['selection']['value']:.3f}" in card
+    assert "Source confounding" in card
+    # The audit's source-confounding warning for the shared data reaches the card.
+    assert "predictable from the source" in card
