@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from covidcxr import paths
 from covidcxr.cli import app
-from covidcxr.data.audit import HASH_VERSION, audit_manifest, hamming_pairs, perceptual_hashes, source_only_auc
+from covidcxr.data.audit import HASH_VERSION, audit_manifest, hamming_pairs, source_only_auc
 from covidcxr.data.manifest import Manifest
 
 

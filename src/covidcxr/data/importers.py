@@ -25,7 +25,6 @@ Formats:
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -467,9 +466,7 @@ def import_dataset(format: str, path: str | Path, *, out: str | Path | None = No
         raise ManifestError(f"{path}: no usable image found as format {format!r} "
                             f"({len(cand.skipped)} candidate(s) skipped, e.g. "
                             f"{cand.skipped[0] if cand.skipped else 'none'})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        manifest = Manifest(rows, root=cand.root, name=Path(out).name if out else f"{format}:{Path(path).name}")
+    manifest = Manifest(rows, root=cand.root, name=Path(out).name if out else f"{format}:{Path(path).name}")
     skipped = pd.DataFrame(cand.skipped, columns=["image", "reason"])
     result = ImportResult(manifest, skipped, list(cand.warnings))
     if out is not None:
