@@ -124,14 +124,14 @@ def test_figure1_layout_without_filename_column(data_root, tmp_path):
 def test_kaggle_chest_xray_folders_group_kermany_patients(data_root, tmp_path):
     root = tmp_path / "chest_xray"
     normal = _images(data_root, "kermany/normal", 2)
-    pneu = sorted((data_root / "images" / "kermany" / "pneumonia").glob("person1*_*.jpg"))[:1]
+    pneu = sorted((data_root / "images" / "kermany" / "pneumonia").glob("person1*_*.jpg"))[:2]
     (root / "train" / "NORMAL").mkdir(parents=True)
     (root / "test" / "PNEUMONIA").mkdir(parents=True)
     (root / "__MACOSX" / "train" / "NORMAL").mkdir(parents=True)
     shutil.copy(normal[0], root / "train" / "NORMAL" / "IM-0117-0001.jpeg")
     shutil.copy(normal[1], root / "train" / "NORMAL" / "NORMAL2-IM-0652-0001.jpeg")
     shutil.copy(pneu[0], root / "test" / "PNEUMONIA" / "person12_bacteria_46.jpeg")
-    shutil.copy(normal[0], root / "test" / "PNEUMONIA" / "person12_bacteria_47.jpeg")
+    shutil.copy(pneu[1], root / "test" / "PNEUMONIA" / "person12_bacteria_47.jpeg")
     shutil.copy(normal[0], root / "__MACOSX" / "train" / "NORMAL" / "._IM-0117-0001.jpeg")
     (root / "train" / "NORMAL" / "notes.docx").write_text("x")
     result = import_dataset("folders", root, progress=False)
@@ -219,3 +219,15 @@ def test_import_cli_prints_summary_and_writes_files(data_root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipped 4 candidate(s)" in result.output and "view L: not frontal" in result.output
     assert len(Manifest.read(out)) == 3 and skipped_path(out).is_file()
+
+
+def test_byte_identical_copies_are_skipped_with_the_kept_file_named(data_root, tmp_path):
+    root = tmp_path / "chest_xray"
+    src = _images(data_root, "kermany/normal", 2)
+    for top in (root, root / "chest_xray"):  # the Kaggle zip nests a second full copy
+        (top / "train" / "NORMAL").mkdir(parents=True)
+        for p in src:
+            shutil.copy(p, top / "train" / "NORMAL" / p.name.replace(".jpg", ".jpeg"))
+    result = import_dataset("folders", root, progress=False)
+    assert len(result.manifest) == 2
+    assert len(result.skipped) == 2 and result.skipped["reason"].str.startswith("identical file content to").all()

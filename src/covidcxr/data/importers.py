@@ -401,25 +401,39 @@ def import_dicom_folder(path: Path, *, labels: str | Path | None = None, source:
 
 # ---------------------------------------------------------------------- the shared tail
 def _check_images(rows: pd.DataFrame, cand: Candidates, *, check_images: bool, progress: bool) -> np.ndarray:
-    """Mask of rows whose file exists and (with ``check_images``) decodes as a frontal chest X-ray."""
-    from covidcxr.data.io import read_xray
+    """Mask of rows whose file exists, is not a byte-identical copy of an earlier row's file (e.g. the
+    nested ``chest_xray/chest_xray`` copy in the Kaggle zip) and, with ``check_images``, decodes as a
+    frontal chest X-ray."""
+    import hashlib
+
+    from covidcxr.data.io import decode_xray
     from covidcxr.progress import make_progress
 
     ok = np.ones(len(rows), dtype=bool)
+    first_with: dict[str, str] = {}
     with make_progress(disable=not progress) as bar:
         task = bar.add_task("checking images", total=len(rows))
         for k, image in enumerate(rows["image"]):
+            bar.advance(task)
             p = Path(image)
-            if not p.is_file():
-                cand.skip(p, "file not found")
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                cand.skip(p, "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file: {exc.strerror or exc}")
                 ok[k] = False
-            elif check_images and image not in cand.checked:
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in first_with:
+                cand.skip(p, f"identical file content to {first_with[digest]} (kept that one)")
+                ok[k] = False
+                continue
+            first_with[digest] = str(p)
+            if check_images and image not in cand.checked:
                 try:
-                    read_xray(p)
+                    decode_xray(data, p)
                 except CovidCXRError as exc:
                     cand.skip(p, getattr(exc, "reason", str(exc)))
                     ok[k] = False
-            bar.advance(task)
     return ok
 
 
