@@ -83,8 +83,14 @@ def test_planted_near_duplicate_is_found_and_only_it(split_manifest, tmp_path):
     assert len(dup) == 1 and dup[0].severity == "warning" and report.ok
     strict = audit_manifest(m, strict=True, progress=False)
     assert not strict.ok and [f.check for f in strict.errors] == ["near_duplicate"]
-    # A much smaller distance threshold misses nothing here either; 0 finds only exact hashes.
-    assert len(audit_manifest(m, max_distance=0, progress=False).duplicates) <= 1
+    # The same image re-saved as PNG by another source inside the same split: a cross-source pair.
+    png_path = tmp_path / "copy.png"
+    img.save(png_path)
+    same_split = original.copy()
+    same_split.update({"image": str(png_path), "source": "third/mirror", "patient_id": "mirror:1"})
+    m2 = Manifest(pd.concat([rows, same_split.to_frame().T], ignore_index=True), root=tmp_path)
+    pairs = audit_manifest(m2, progress=False).duplicates
+    assert len(pairs) == 1 and pairs["kind"].iloc[0] == "cross-source" and pairs["distance"].iloc[0] <= 4
 
 
 def test_patient_overlap_and_unreadable_images(split_manifest, tmp_path):
