@@ -11,7 +11,8 @@
     chest X-rays at ~100, different people of one source rarely below 44) **and** lie in different
     splits or come from different sources. Pairs inside one split and source are counted as info.
 ``single_label_source`` (warning)
-    A source all of whose images carry one label: a model can learn the label from the source's look.
+    A source all of whose images carry one label (while the manifest has several): a model can learn
+    the label from the source's look.
 ``label_predictable_from_source`` (warning)
     For each label, the one-vs-rest ROC AUC of a "model" that sees only an image's source (its score is
     the label's share among that source's images). ``>= source_auc_warn`` (default 0.9) means the label
@@ -424,8 +425,9 @@ def source_only_auc(table: pd.DataFrame, label: str) -> float:
 def check_source_confounding(table: pd.DataFrame, *, source_auc_warn: float) -> tuple[list[Finding], pd.DataFrame]:
     out = []
     per_source = table.groupby("source")["label"].agg(lambda s: sorted(s.unique()))
+    several_labels = table["label"].nunique() > 1  # with one label overall, no source can "predict" it
     for source, labels in per_source.items():
-        if len(labels) == 1:
+        if len(labels) == 1 and several_labels:
             n = int((table["source"] == source).sum())
             out.append(Finding("single_label_source", "warning",
                                f"source {source} contributes only '{labels[0]}' ({n} images): its look alone "

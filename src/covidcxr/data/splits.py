@@ -103,6 +103,8 @@ def assign_splits(manifest: Manifest, *, val: float = 0.15, test: float = 0.15, 
     if folds is not None and folds < 2:
         raise ConfigError(f"folds={folds}: need at least 2 folds (or leave it out)")
 
+    if len(manifest) == 0:
+        raise ManifestError(f"{manifest.name}: the manifest is empty; nothing to split")
     table = manifest.table.copy()
     split = np.full(len(table), "", dtype=object)
     external = source_mask(table, holdout_sources) if holdout_sources else np.zeros(len(table), dtype=bool)
