@@ -246,3 +246,33 @@ def test_temperature_scaling_fixes_overconfidence_and_keeps_decisions():
     thr = 0.7
     assert ((cal >= t.transform_threshold(thr)) == (over >= thr)).all()
 
+
+
+def test_three_class_run_gets_one_vs_rest_and_confusion_matrix(eval_manifest, weights_dir, tmp_path):
+    """A 3-class run (ImageNet backbone, new head: real outputs, no training needed to check the bookkeeping)."""
+    import torch
+
+    from covidcxr.data.labels import get_label_space
+    from covidcxr.data.preprocess import PreprocessSpec
+    from covidcxr.models.registry import create_model
+    from covidcxr.models.run import save_model
+
+    torch.manual_seed(0)
+    space = get_label_space("3class")
+    model = create_model("tf_efficientnet_lite0", 3, weights=str(weights_dir / "efficientnet_lite0_imagenet_timm.pth"))
+    run3 = save_model(tmp_path / "run3", model, architecture="tf_efficientnet_lite0", classes=space.classes,
+                      positive_class="covid", preprocess_spec=PreprocessSpec(image_size=64), threshold=0.3,
+                      info={"label_space": space.to_dict()})
+    table = pd.read_csv(eval_manifest)
+    table[table["split"] == "test"].to_csv(tmp_path / "t.csv", index=False)
+    res = evaluate_run(run3, tmp_path / "t.csv", out=tmp_path / "ev", n_boot=50, progress=False)
+    pred = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    mc = res["groups"]["test"]["multiclass"]
+    assert res["excluded_by_label_space"] == table.query("split == 'test' and label == 'other'")["label"].value_counts().to_dict()
+    for c in space.classes:
+        if pred["class"].eq(c).any():
+            assert mc["auc_ovr"][c]["value"] == pytest.approx(skm.roc_auc_score(pred["class"] == c, pred[f"prob_{c}"]))
+    assert mc["confusion_matrix"]["matrix"] == skm.confusion_matrix(pred["class"], pred["predicted"],
+                                                                    labels=list(space.classes)).tolist()
+    assert (pred["y_pred"] == (pred["prob_covid"] >= 0.3)).all()  # covid-vs-rest decision at the stored threshold
+    assert (tmp_path / "ev" / res["plots"]["test"]["confusion_multiclass"]).is_file()

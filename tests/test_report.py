@@ -84,6 +84,10 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
     assert format_estimate(test["within_source_auc"]) in text
     assert format_estimate(test["binary"]["sensitivity"]) in text
     assert "Internal vs external" in text and "external (held-out)" in text
+    # what training wrote into the run directory is shown too
+    epochs = [ln for ln in (reported["run_dir"] / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert f"{len(epochs)} epochs from metrics.jsonl" in text
+    assert "Model card:" in text and "Intended use" in text
     img = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
     assert img.shape[0] > 2000 and img.shape[1] == 1280
     assert img.std() > 20 and len(np.unique(img.reshape(-1, 3)[::97], axis=0)) > 50  # not blank
