@@ -66,7 +66,7 @@ def _ieee_layout(data_root: Path, tmp_path: Path) -> Path:
     rows = [
         dict(patientid="1", offset="0", sex="M", age="60", finding="Pneumonia/Viral/COVID-19", view="PA", modality="X-ray", folder="images", filename=covid[0].name),
         dict(patientid="1", offset="4", sex="M", age="60", finding="Pneumonia/Viral/COVID-19", view="AP Supine", modality="X-ray", folder="images", filename=covid[1].name),
-        dict(patientid="2", offset="", sex="F", age="", finding="No Finding", view="PA", modality="X-ray", folder="images", filename=normal[0].name),
+        dict(patientid="2", offset="about a week", sex="F", age="", finding="No Finding", view="PA", modality="X-ray", folder="images", filename=normal[0].name),
         dict(patientid="3", offset="", sex="F", age="50", finding="COVID-19", view="L", modality="X-ray", folder="images", filename=covid[2].name),
         dict(patientid="4", offset="", sex="", age="", finding="COVID-19", view="Axial", modality="CT", folder="volumes", filename="ct.nii.gz"),
         dict(patientid="5", offset="", sex="", age="", finding="todo", view="PA", modality="X-ray", folder="images", filename=covid[2].name),
@@ -83,6 +83,7 @@ def test_ieee8023_layout_keeps_frontal_xrays_and_reports_the_rest(data_root, tmp
     assert t["label"].tolist() == ["covid", "covid", "normal"]
     assert t["patient_id"].tolist() == ["ieee8023:1", "ieee8023:1", "ieee8023:2"]
     assert t["offset_days"].tolist()[:2] == [0.0, 4.0] and t["view"].tolist() == ["PA", "AP Supine", "PA"]
+    assert pd.isna(t["offset_days"].iloc[2])  # free text in 'offset' is unknown, not an import failure
     reasons = result.skipped["reason"].tolist()
     assert any("view L" in r for r in reasons) and any("modality CT" in r for r in reasons)
     assert any("no usable finding ('todo')" in r for r in reasons) and "file not found" in reasons

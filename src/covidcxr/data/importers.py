@@ -173,6 +173,16 @@ def _text(v) -> str:
     return str(v).strip()
 
 
+def _number_or_blank(v) -> str:
+    """A source's free-text number (e.g. ieee8023 ``offset``): kept if numeric, else unknown."""
+    text = _text(v)
+    try:
+        float(text)
+    except ValueError:
+        return ""
+    return text
+
+
 def _require_dir(path: Path, what: str) -> Path:
     if not path.exists():
         raise ConfigError(f"{path}: not found ({what})")
@@ -232,7 +242,7 @@ def import_ieee8023(path: Path, *, source: str | None = None, **_) -> Candidates
         records.append({
             "image": str(image), "finding": _text(r["finding"]), "patient_id": f"{prefix}:{_text(r['patientid'])}",
             "source": source, "view": view, "sex": _text(r.get("sex", "")), "age": _text(r.get("age", "")),
-            "offset_days": _text(r.get("offset", "")), "license": _text(r.get("license", "")),
+            "offset_days": _number_or_blank(r.get("offset", "")), "license": _text(r.get("license", "")),
             "notes": f"metadata row {i + 2}",
         })
     cand.rows = _frame(records)
