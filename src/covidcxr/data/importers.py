@@ -256,6 +256,7 @@ _FOLDER_CLASSES = {  # folder name (lower case) -> (label, finding)
     "covid": ("covid", "COVID-19"), "covid-19": ("covid", "COVID-19"), "covid19": ("covid", "COVID-19"),
     "viral pneumonia": ("pneumonia", "Pneumonia/Viral"), "bacterial pneumonia": ("pneumonia", "Pneumonia/Bacterial"),
     "lung_opacity": ("other", "Lung Opacity"), "lung opacity": ("other", "Lung Opacity"),
+    "other": ("other", "Other"),  # covidcxr's own images/<source>/<label>/ layout
 }
 _SKIP_DIRS = {"__macosx", "masks", "mask"}
 
