@@ -106,8 +106,10 @@ def test_summary_and_shape_checks(ann, data_root):
     for _, region in _regions(ann, data_root, "lung_mask_v7labs", 3):
         results.append(lung_focus(region.lung.astype(float), region))
         results.append(lung_focus(np.ones(region.lung.shape), region))
-    s = summarise_lung_focus(results)
-    assert s["n"] == 6 and s["pointing_game"] >= 0.5
+    empty = lung_focus(np.zeros(region.lung.shape), region)
+    assert empty["empty"] and empty["mass_share"] is None and empty["pointing_hit"] is None
+    s = summarise_lung_focus(results + [empty])
+    assert s["n"] == 6 and s["n_empty"] == 1 and s["pointing_game"] >= 0.5
     assert s["mean_mass_share"] == pytest.approx(np.mean([r["mass_share"] for r in results]))
     with pytest.raises(ConfigError, match="shape"):
         mass_share(np.ones((5, 5)), region)

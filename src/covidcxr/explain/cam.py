@@ -150,9 +150,12 @@ def compute_cams(run: LoadedRun, inputs: torch.Tensor, *, method: str = "gradcam
                 for i in range(0, len(inputs), batch_size):
                     targets = [ClassifierOutputTarget(k) for k in class_indices[i : i + batch_size]]
                     batch = inputs[i : i + batch_size].to(next(cm.model.parameters()).device)
+                    # An input that requires grad keeps the graph even for a model with frozen weights.
+                    batch = batch.detach().clone().requires_grad_(cam.uses_gradients)
                     total[i : i + batch_size] += cm.weight * cam(input_tensor=batch, targets=targets)
         finally:
             cam.activations_and_grads.release()
+            cm.model.zero_grad(set_to_none=True)
     if len(models) > 1:
         total = _rescale(total)
     return total

@@ -185,7 +185,7 @@ def _explain_one(run, out, method, path, xray, cam, probs, label, target, ann, u
                                      "threshold": run.threshold})
     caption = f"{stem[:22]}\n{label} p={prob[target_name]:.2f}"
     if lf is not None:
-        caption += f" lung {lf['mass_share']:.0%}"
+        caption += " (empty map)" if lf["empty"] else f" lung {lf['mass_share']:.0%}"
     item = SheetItem(thumbnail(xray.pixels, 192), thumbnail(heat, 192), caption,
                      thumbnail(region.lung.astype(np.float32), 192) > 0.5 if region is not None else None)
     return entry, item, lf

@@ -55,25 +55,36 @@ def lung_cam_area(cam: np.ndarray, region: LungRegion, threshold: float = 0.5) -
 
 
 def lung_focus(cam: np.ndarray, region: LungRegion) -> dict:
-    """All lung-focus scores of one heatmap, with the uniform-map baseline."""
+    """All lung-focus scores of one heatmap, with the uniform-map baseline.
+
+    A map with no mass on valid pixels (Grad-CAM found no positive evidence for the target class:
+    common when the model gives that class a low probability) has no share and no peak:
+    ``mass_share`` and ``pointing_hit`` are None and ``empty`` is True.
+    """
+    cam = _check(cam, region)
+    empty = not cam[region.valid].sum() > 0
     return {
-        "mass_share": mass_share(cam, region),
-        "pointing_hit": pointing_hit(cam, region),
+        "mass_share": None if empty else mass_share(cam, region),
+        "pointing_hit": None if empty else pointing_hit(cam, region),
         "baseline": region.area_share,
         "region": region.kind,
+        "empty": empty,
     }
 
 
 def summarise_lung_focus(results: list[dict]) -> dict:
-    """Mean scores over a set of images, with the mean baseline they should beat."""
-    rows = [r for r in results if r is not None and np.isfinite(r["mass_share"])]
+    """Mean scores over a set of images (empty maps counted apart), with the mean baseline they should beat."""
+    results = [r for r in results if r is not None]
+    rows = [r for r in results if r["mass_share"] is not None]
+    n_empty = len(results) - len(rows)
     if not rows:
-        return {"n": 0}
+        return {"n": 0, "n_empty": n_empty}
     share = np.array([r["mass_share"] for r in rows])
     base = np.array([r["baseline"] for r in rows])
     hits = np.array([r["pointing_hit"] for r in rows], dtype=float)
     return {
         "n": len(rows),
+        "n_empty": n_empty,
         "mean_mass_share": float(share.mean()),
         "mean_baseline": float(base.mean()),
         "mean_mass_share_minus_baseline": float((share - base).mean()),

@@ -35,12 +35,6 @@ DEFAULT_FLAG_RHO = 0.5
 MODES = ("full", "cascading")
 
 
-def _reset(module: nn.Module) -> None:
-    for sub in module.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
-
-
 def randomized_full(cm: CamModel, num_classes: int, channels: int, seed: int) -> CamModel:
     """The same architecture with freshly initialised weights."""
     torch.manual_seed(seed)
@@ -48,10 +42,28 @@ def randomized_full(cm: CamModel, num_classes: int, channels: int, seed: int) ->
     return CamModel(model=model, architecture=cm.architecture, layer=cm.layer, weight=cm.weight)
 
 
+def _stage_groups(architecture: str, model: nn.Module) -> list[list[str]]:
+    """Backbone parameter names per stage, input -> output (the registry's grouping, which covers
+    every backbone parameter for timm models; falls back to whole stage modules)."""
+    arch = get_architecture(architecture)
+    if hasattr(arch, "stage_parameter_names"):
+        return arch.stage_parameter_names(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in stage.parameters()] for stage in arch.stages(model)]
+
+
 def cascade_steps(cm: CamModel) -> list[str]:
     """Names of the cascading steps: ``head``, then ``stage<k>`` from the last stage down."""
-    n = len(get_architecture(cm.architecture).stages(cm.model))
+    n = len(_stage_groups(cm.architecture, cm.model))
     return ["head"] + [f"stage{k}" for k in range(n - 1, -1, -1)]
+
+
+def _reset_owners(model: nn.Module, param_names: set[str]) -> None:
+    # Re-initialise every module that owns one of the parameters (BatchNorm running stats included).
+    owners = {n.rpartition(".")[0] for n in param_names}
+    for name, module in model.named_modules():
+        if name in owners and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
 
 
 def randomized_cascade(cm: CamModel, steps: int, seed: int) -> CamModel:
@@ -59,13 +71,10 @@ def randomized_cascade(cm: CamModel, steps: int, seed: int) -> CamModel:
     torch.manual_seed(seed)
     model = copy.deepcopy(cm.model).eval()
     arch = get_architecture(cm.architecture)
-    head_prefixes = arch.head(model)
-    for name, module in model.named_modules():
-        if any((name + ".").startswith(p) for p in head_prefixes):
-            _reset(module)
-    stages = arch.stages(model)
-    for stage in list(reversed(stages))[: max(steps - 1, 0)]:
-        _reset(stage)
+    head_prefixes = tuple(arch.head(model))
+    _reset_owners(model, {n for n, _ in model.named_parameters() if n.startswith(head_prefixes)})
+    for group in list(reversed(_stage_groups(cm.architecture, model)))[: max(steps - 1, 0)]:
+        _reset_owners(model, set(group))
     return CamModel(model=model, architecture=cm.architecture, layer=cm.layer, weight=cm.weight)
 
 
