@@ -64,20 +64,3 @@ def dicom_identifiers(data_root: Path) -> list[str]:
               str(ds.get("InstitutionName", "")), str(ds.get("StudyDate", ""))]
     return [v for v in values if len(v) >= 4]
 
-
-# TEMPORARY (until tests/conftest.py provides trained_run): an ImageNet-initialised, untrained
-# tf_efficientnet_lite0 saved as a run; REMOVE before finishing.
-@pytest.fixture(scope="session")
-def dev_trained_run(weights_dir, tmp_path_factory):
-    import torch
-
-    from covidcxr.data.preprocess import PreprocessSpec
-    from covidcxr.models.registry import create_model
-    from covidcxr.models.run import save_model
-
-    torch.manual_seed(0)
-    model = create_model("tf_efficientnet_lite0", 2, weights=str(weights_dir / "efficientnet_lite0_imagenet_timm.pth"))
-    return save_model(tmp_path_factory.mktemp("devrun") / "run", model, architecture="tf_efficientnet_lite0",
-                      classes=["non_covid", "covid"], positive_class="covid", threshold=0.4,
-                      preprocess_spec=PreprocessSpec(image_size=96, mean=(0.5,) * 3, std=(0.5,) * 3),
-                      info={"val_auc": 0.9})

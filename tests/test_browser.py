@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from serving_helpers import dev_trained_run, sample_paths, serving_run  # noqa: F401
+from serving_helpers import sample_paths, serving_run
 
-trained_run = dev_trained_run  # TEMPORARY until conftest provides trained_run
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.browser

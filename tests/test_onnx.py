@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from serving_helpers import dev_trained_run, sample_paths, serving_run  # noqa: F401
+from serving_helpers import sample_paths, serving_run
 
-trained_run = dev_trained_run  # TEMPORARY until conftest provides trained_run
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from covidcxr.cli import app
-from serving_helpers import dev_trained_run, sample_paths, serving_run, truncated_jpeg  # noqa: F401
+from serving_helpers import sample_paths, serving_run, truncated_jpeg
 
-trained_run = dev_trained_run  # TEMPORARY until conftest provides trained_run
 
 runner = CliRunner()
 

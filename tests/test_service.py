@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serving_helpers import (DICOM, ct_dicom, dev_trained_run, dicom_identifiers, sample_paths,  # noqa: F401
+from serving_helpers import (DICOM, ct_dicom, dicom_identifiers, sample_paths,
                              serving_run, truncated_jpeg)
 
-trained_run = dev_trained_run  # TEMPORARY until conftest provides trained_run
 
 TOKEN = "test-token-3f9a"
 MAX_UPLOAD = 8 * 1024 * 1024  # the shared 7.2 MB DICOM fits; 9 MB does not

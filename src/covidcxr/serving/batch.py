@@ -110,6 +110,13 @@ class _CsvAppender:
     def __init__(self, path: Path, columns: list[str]):
         self.path, self.columns = path, columns
         new = not path.exists() or path.stat().st_size == 0
+        if not new:
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            if header != columns:
+                raise CovidCXRError(f"{path}: its columns ({', '.join(header)}) differ from this job's "
+                                    f"({', '.join(columns)}); resume with the same options (e.g. --heatmaps) "
+                                    "or write to a new --out")
         self._file = open(path, "a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
         if new:

@@ -59,35 +59,16 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, opset: in
     above :data:`PARITY_TOLERANCE` deletes the file and raises.
     """
     import onnx
-    import onnxruntime
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)  # verifies the PyTorch weights' SHA-256 first
     out = Path(out) if out is not None else run_dir / ONNX_FILE
     if out.suffix != ".onnx":
         raise CovidCXRError(f"{out}: the ONNX output file must end in .onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = ProbabilityModel(run.model).eval()
-    size, channels = run.spec.image_size, run.spec.channels
-    example = torch.zeros(2, channels, size, size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
     tmp = out.with_name(f".{out.name}.tmp")
-    # The exporter narrates each step on stdout; keep the CLI's output to what the user asked for.
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(wrapped, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamo=True, external_data=False, opset_version=opset,
-                          dynamic_shapes={"x": {0: batch}}, verbose=False)
     try:
-        onnx.checker.check_model(str(tmp))
-        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        x = torch.randn(check_batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            expected = wrapped(x).numpy()
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        diff = float(np.abs(got - expected).max())
-        if diff > PARITY_TOLERANCE:
-            raise CovidCXRError(f"{out}: ONNX Runtime and PyTorch disagree by {diff:.2e} (> {PARITY_TOLERANCE}); "
-                                "export refused")
+        diff = export_graph(run.model, tmp, channels=run.spec.channels, image_size=run.spec.image_size, opset=opset,
+                            check_batch=check_batch, seed=seed)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -98,6 +79,39 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, *, opset: in
             "onnx": onnx.__version__, "input": INPUT_NAME, "output": OUTPUT_NAME, "parity_max_abs_diff": diff,
         })
     return out
+
+
+def export_graph(model: nn.Module, path: str | Path, *, channels: int, image_size: int, opset: int = 18,
+                 check_batch: int = 3, seed: int = 0) -> float:
+    """Export a logit model as an ONNX graph ``input`` (N x C x S x S, dynamic N) -> ``probabilities``.
+
+    Checks the file with ``onnx.checker`` and compares ONNX Runtime with PyTorch on a random batch;
+    returns the largest absolute difference of probabilities, raising above :data:`PARITY_TOLERANCE`.
+    """
+    import onnx
+    import onnxruntime
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = ProbabilityModel(model).eval()
+    example = torch.zeros(2, channels, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter narrates each step on stdout; keep the CLI's output to what the user asked for.
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(wrapped, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamo=True, external_data=False, opset_version=opset,
+                          dynamic_shapes={"x": {0: batch}}, verbose=False)
+    onnx.checker.check_model(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(check_batch, channels, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = wrapped(x).numpy()
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    diff = float(np.abs(got - expected).max())
+    if diff > PARITY_TOLERANCE:
+        raise CovidCXRError(f"{path}: ONNX Runtime and PyTorch disagree by {diff:.2e} (> {PARITY_TOLERANCE}); "
+                            "export refused")
+    return diff
 
 
 @dataclass
