@@ -18,7 +18,7 @@ from covidcxr.data import read_xray
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluation import metrics as M
 from covidcxr.evaluation.calibration import TemperatureScaling, expected_calibration_error
-from covidcxr.evaluation.compare import compare_runs, mcnemar_test
+from covidcxr.evaluation.compare import compare_predictions, compare_runs, mcnemar_test
 from covidcxr.evaluation.evaluate import evaluate_run
 from covidcxr.models.run import load_run
 
@@ -208,9 +208,10 @@ def test_compare_runs_paired_delong_and_mcnemar(run_dir, eval_manifest, tmp_path
     res = compare_runs(run_dir, other, tmp_path / "t.csv", out=tmp_path / "cmp.json", progress=False)
     ev = pd.read_csv(run_dir / "eval" / "test" / "predictions.csv").query("split == 'test'")
     assert res["n_images"] == len(ev)
+    assert res["delong"]["se"] > 0 and res["delong"]["auc_b"] != res["delong"]["auc_a"]  # B really ranks differently
     assert res["delong"]["auc_a"] == pytest.approx(skm.roc_auc_score(ev["y_true"], ev["score"]), abs=1e-6)
     assert json.loads((tmp_path / "cmp.json").read_text())["mcnemar"] == res["mcnemar"]
-    same = compare_runs(run_dir, run_dir, tmp_path / "t.csv", progress=False)
+    same = compare_predictions(ev["y_true"], ev["score"], ev["score"], ev["y_pred"], ev["y_pred"])
     assert same["delong"]["difference"] == 0 and same["mcnemar"]["p_value"] == 1.0
     shutil.rmtree(tmp_path / "b")
 
