@@ -233,9 +233,10 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
 
 def validate_config(tree: dict | None, origin: str = "config") -> TrainingConfig:
     """Validate a config dict (already overridden); raises ConfigError naming each bad key."""
-    tree = _expand_tree(tree or {})
     try:
-        return TrainingConfig.model_validate(tree)
+        # Expand ${VAR} after filling in defaults, so default paths resolve too.
+        filled = TrainingConfig.model_validate(_expand_tree(tree or {})).model_dump(mode="json")
+        return TrainingConfig.model_validate(_expand_tree(filled))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origin)) from None
 

@@ -48,7 +48,8 @@ from covidcxr.data.labels import LabelSpace, get_label_space
 from covidcxr.data.manifest import Manifest
 from covidcxr.data.preprocess import PreprocessSpec
 from covidcxr.errors import ConfigError, CovidCXRError
-from covidcxr.models.registry import create_model, get_architecture
+from covidcxr.models.finetune import apply_finetune, param_groups
+from covidcxr.models.registry import create_model, default_preprocess
 from covidcxr.models.run import atomic_write_bytes, save_model, write_json
 from covidcxr.training.augment import BatchMixer, build_augmentation
 from covidcxr.training.config import TrainingConfig, dump_config
@@ -135,53 +136,21 @@ def _stratified_cap(table: pd.DataFrame, mask: np.ndarray, cap: int, seed: int) 
 def build_spec(config: TrainingConfig) -> PreprocessSpec:
     """The preprocessing spec: the config's size / intensity plus the architecture's normalisation."""
     p, m = config.preprocess, config.model
-    try:
-        from covidcxr.models.finetune import default_preprocess
-    except ImportError:
-        default_preprocess = None
-    if default_preprocess is not None:
-        base = default_preprocess(m.name, p.image_size, m.channels, p.intensity)
-        mean, std = base.mean, base.std
-    else:
-        arch = get_architecture(m.name)
-        mean, std = arch.mean, arch.std
-    return PreprocessSpec(image_size=p.image_size, channels=m.channels, mean=tuple(mean), std=tuple(std),
-                          intensity=p.intensity, resize=p.resize, percentiles=tuple(p.percentiles),
-                          clahe_clip=p.clahe_clip, clahe_tiles=p.clahe_tiles)
+    return default_preprocess(m.name, p.image_size, m.channels, p.intensity, resize=p.resize,
+                              percentiles=tuple(p.percentiles), clahe_clip=p.clahe_clip, clahe_tiles=p.clahe_tiles)
 
 
 # ---------------------------------------------------------------- model / optimiser
 
-def build_model(config: TrainingConfig, num_classes: int) -> tuple[nn.Module, list[dict]]:
-    """Model with pretrained backbone (if asked), fine-tuning mode applied, and optimiser param groups."""
+def build_model(config: TrainingConfig, num_classes: int) -> tuple[nn.Module, list[dict], dict]:
+    """Model with pretrained backbone (if asked), fine-tuning mode applied (frozen BatchNorm stays in
+    eval mode), optimiser param groups, and the fine-tuning plan for the run record."""
     m, t = config.model, config.train
     weights = None if m.weights in ("", "none", None) else m.weights
     model = create_model(m.name, num_classes, channels=m.channels, weights=weights, weights_sha256=m.weights_sha256)
-    try:
-        from covidcxr.models import finetune
-    except ImportError:
-        finetune = None
-    if finetune is not None:
-        finetune.apply_finetune(model, m.name, mode=m.finetune, last_k=m.last_k)
-        groups = finetune.param_groups(model, m.name, lr=t.lr, backbone_lr_mult=m.backbone_lr_mult,
-                                       weight_decay=t.weight_decay)
-    else:  # models.finetune not available: only full fine-tuning with one learning rate
-        if m.finetune != "full" or m.backbone_lr_mult != 1.0:
-            raise ConfigError("model.finetune / model.backbone_lr_mult need covidcxr.models.finetune")
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": t.lr,
-                   "weight_decay": t.weight_decay}]
-    return model, groups
-
-
-def keep_frozen_bn_eval(model: nn.Module) -> None:
-    """Put frozen BatchNorm layers back into eval mode after ``model.train()`` (if the helper exists)."""
-    try:
-        from covidcxr.models import finetune
-    except ImportError:
-        return
-    helper = getattr(finetune, "freeze_bn_eval", None) or getattr(finetune, "set_frozen_bn_eval", None)
-    if helper is not None:
-        helper(model)
+    plan = apply_finetune(model, m.name, mode=m.finetune, last_k=m.last_k)
+    groups = param_groups(model, m.name, lr=t.lr, backbone_lr_mult=m.backbone_lr_mult, weight_decay=t.weight_decay)
+    return model, groups, plan.to_dict()
 
 
 def build_optimizer(config: TrainingConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -392,8 +361,7 @@ def _worker_init(worker_id: int) -> None:
 def train_one_epoch(model, loader, optimizer, scheduler, mixer: BatchMixer, loss_weights, *, device, config: TrainingConfig,
                     progress, epoch: int) -> dict:
     t = config.train
-    model.train()
-    keep_frozen_bn_eval(model)
+    model.train()  # frozen BatchNorm layers stay in eval mode (hooks from apply_finetune)
     cl = device.type == "cuda" and t.channels_last
     total_loss, n_seen, t0 = 0.0, 0, time.perf_counter()
     task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(loader) * loader.batch_sampler.batch_size,
@@ -462,7 +430,8 @@ def fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | Non
     positive = space.positive
     _check_selection_possible(config, val_ds, positive)
 
-    model, groups = build_model(config, len(space.classes))
+    seed_everything(t.seed, epoch=10**6)  # the new head's initial weights (a stream no epoch uses)
+    model, groups, finetune_plan = build_model(config, len(space.classes))
     model.to(device)
     if device.type == "cuda" and t.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -540,7 +509,8 @@ def fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | Non
     if best_epoch is None:
         raise CovidCXRError(f"{out_dir}: no epoch produced a finite {t.selection_metric}; nothing to save")
     return finalize_run(config, out_dir, model, spec, space, train_ds, val_ds, data, history, best, best_epoch,
-                        stopped_early, time.perf_counter() - started, device, write_card, extra_info)
+                        stopped_early, time.perf_counter() - started, device, write_card,
+                        {"finetune": finetune_plan, **(extra_info or {})})
 
 
 def _finite_or_none(v):

@@ -1,0 +1,197 @@
+"""Training building blocks: config validation and overrides, samplers on the real manifest, augmentation, mixup."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from covidcxr.errors import ConfigError
+from covidcxr.training.augment import BatchMixer, apply_seeded, build_augmentation
+from covidcxr.training.config import AugmentConfig, load_config
+from covidcxr.training.loop import lr_factor
+from covidcxr.training.sampling import make_batch_sampler, source_balanced_cell_weights
+
+REPO = Path(__file__).resolve().parent.parent
+IEEE, FIG1 = "s-mostafa-a/covid-chestxray-dataset", "agchung/Figure1-COVID-chestxray-dataset"
+
+
+# ---------------------------------------------------------------- config
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(None, ["model.name=resnet18", "train.epochs=3", "train.lr=1e-3", "augment.scale=[0.8, 1.2]",
+                             "train.patience=null", "ensemble.tta=[hflip]"])
+    assert cfg.model.name == "resnet18" and cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-3)
+    assert tuple(cfg.augment.scale) == (0.8, 1.2) and cfg.train.patience is None and cfg.ensemble.tta == ["hflip"]
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch'.*did you mean train\.epochs"):
+        load_config(None, ["train.epoch=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: config key train\.lerning_rate: unknown key"):
+        load_config(bad)
+    # A vertical flip option does not exist: it is not a CXR augmentation.
+    with pytest.raises(ConfigError, match=r"augment\.vflip"):
+        load_config(None, ["augment.vflip=0.5"])
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"config key train\.lr: .*greater than 0.*-1"):
+        load_config(None, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match=r"config key train\.selection_metric"):
+        load_config(None, ["train.selection_metric=test_auc"])
+    with pytest.raises(ConfigError, match=r"config key preprocess\.image_size"):
+        load_config(None, ["preprocess.image_size=8"])
+    with pytest.raises(ConfigError, match=r"threshold_target"):
+        load_config(None, ["train.threshold_method=sensitivity"])
+    with pytest.raises(ConfigError, match=r"expected key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_paths_expand_against_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("COVIDCXR_DATA_ROOT", str(tmp_path / "cxr"))
+    cfg = load_config(None, [])
+    assert cfg.data.manifest == f"{tmp_path}/cxr/manifest.csv"
+    monkeypatch.delenv("COVIDCXR_DATA_ROOT")
+    from covidcxr import paths
+
+    assert load_config(None, []).data.manifest == f"{paths.data_root()}/manifest.csv"
+    with pytest.raises(ConfigError, match=r"model\.weights: environment variable NOT_SET_ANYWHERE"):
+        load_config(None, ["model.weights=${NOT_SET_ANYWHERE}/w.pth"])
+
+
+def test_shipped_configs_validate(monkeypatch):
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    names = {p.stem for p in configs}
+    assert {"quick", "deepcovid_resnet18", "densenet121_3class", "mobilenetv2_scratch", "efficientnet_mixup_highres",
+            "ensemble_10fold"} <= names
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.data.manifest.endswith("manifest.csv"), path
+        if cfg.model.weights not in ("none", "imagenet"):
+            assert Path(cfg.model.weights).is_absolute() and cfg.model.weights_sha256, path
+    assert load_config(REPO / "configs" / "ensemble_10fold.yaml").ensemble.folds == 10
+    assert load_config(REPO / "configs" / "densenet121_3class.yaml").data.label_space == "3class"
+
+
+def test_warmup_then_cosine_schedule():
+    kw = dict(steps_per_epoch=10, epochs=5, schedule="cosine", warmup_epochs=1)
+    f = [lr_factor(s, **kw) for s in range(50)]
+    assert f[0] < f[5] < f[9] <= 1.0  # linear warm-up over the first epoch
+    assert f[10] == pytest.approx(1.0) and f[49] < 0.01 and all(a >= b for a, b in zip(f[10:], f[11:]))
+    step = [lr_factor(s, steps_per_epoch=10, epochs=30, schedule="step", warmup_epochs=0, step_epochs=10,
+                      step_gamma=0.1) for s in (0, 99, 100, 250)]
+    assert step == pytest.approx([1.0, 1.0, 0.1, 0.01])
+
+
+# ---------------------------------------------------------------- samplers (real manifest)
+
+@pytest.fixture(scope="module")
+def train_rows(split_manifest):
+    from covidcxr.data.labels import get_label_space
+
+    table = split_manifest.table[split_manifest.table["split"] == "train"]
+    labels = get_label_space("binary").assign(table).to_list()
+    return labels, table["source"].to_list()
+
+
+def test_source_balanced_batches_draw_classes_evenly_within_and_across_sources(train_rows):
+    labels, sources = train_rows
+    weights = source_balanced_cell_weights(labels, sources)
+    # 5 sources, equal weight; IEEE and Figure1 hold both classes and split their share evenly.
+    assert weights[(IEEE, "covid")] == pytest.approx(0.1) and weights[(IEEE, "non-covid")] == pytest.approx(0.1)
+    assert weights[(FIG1, "covid")] == pytest.approx(0.1)
+    assert sum(w for (s, _), w in weights.items() if s not in (IEEE, FIG1)) == pytest.approx(0.6)
+    sampler = make_batch_sampler("source_balanced", labels, sources, batch_size=20, samples_per_epoch=400, seed=3)
+    assert len(sampler) == 20
+    total = Counter()
+    for batch in sampler:
+        cells = Counter((sources[r], labels[r]) for r, _ in batch)
+        per_source = Counter(s for s, _ in cells.elements())
+        assert len(batch) == 20 and set(per_source.values()) == {4}, per_source  # 4 per source in EVERY batch
+        for src in (IEEE, FIG1):
+            assert cells[(src, "covid")] == cells[(src, "non-covid")] == 2
+        total.update(cells)
+    # Figure1 holds 2 non-COVID training images (at most) and is still drawn as often as its COVID ones.
+    assert total[(FIG1, "non-covid")] == total[(FIG1, "covid")] == 40
+
+
+def test_source_balanced_sampling_can_drop_one_class_sources(train_rows):
+    labels, sources = train_rows
+    sampler = make_batch_sampler("source_balanced", labels, sources, 16, 160, seed=0, single_class_source_weight=0)
+    drawn = Counter(sources[r] for batch in sampler for r, _ in batch)
+    assert set(drawn) == {IEEE, FIG1} and drawn[IEEE] == drawn[FIG1]
+
+
+def test_sampler_is_a_function_of_seed_and_epoch(train_rows):
+    labels, sources = train_rows
+    a = make_batch_sampler("balanced", labels, sources, 16, 64, seed=1)
+    b = make_batch_sampler("balanced", labels, sources, 16, 64, seed=1)
+    b.set_epoch(1)
+    first = list(a)
+    assert all(Counter(labels[r] for r, _ in batch) == {"covid": 8, "non-covid": 8} for batch in first)
+    assert first != list(b)
+    b.set_epoch(0)
+    assert first == list(b)
+    plain = make_batch_sampler("none", labels, sources, 16, 64, seed=1)
+    rows = [r for batch in plain for r, _ in batch]
+    assert len(rows) == 64 and len(set(rows)) == 64
+
+
+# ---------------------------------------------------------------- augmentation and mixing
+
+def test_augmentation_never_flips_vertically():
+    cfg = AugmentConfig(hflip_p=1.0, strong_intensity=True, rotation_deg=10)
+    aug = build_augmentation(cfg)
+    assert not any(isinstance(t, v2.RandomVerticalFlip) for t in aug.transforms)
+    img = torch.zeros(1, 64, 64)
+    img[:, :20, :] = 1.0  # a bright band at the top ("the shoulders")
+    for seed in range(40):
+        out = apply_seeded(aug, img, seed)
+        assert out.shape == img.shape and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+        assert out[:, :24].mean() > out[:, 40:].mean() + 0.2, seed
+
+
+def test_augmentation_is_reproducible_per_seed_and_leaves_the_global_rng_alone():
+    aug = build_augmentation(AugmentConfig(strong_intensity=True))
+    img = torch.rand(1, 48, 48)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a, b, c = apply_seeded(aug, img, 5), apply_seeded(aug, img, 5), apply_seeded(aug, img, 6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_mixup_mixes_images_and_targets_with_one_lambda():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    mixed, soft = BatchMixer(2, mixup_alpha=0.4)(x, y)
+    assert torch.allclose(soft.sum(1), torch.ones(6))
+    lam = float(soft[0, 0])  # sample 0 (class 0) is mixed with sample 5 (class 1): weight lam on class 0
+    assert 0.0 < lam < 1.0
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6)
+    assert torch.allclose(soft[:, 1], torch.where(y == 1, torch.tensor(lam), torch.tensor(1 - lam)), atol=1e-6)
+
+
+def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
+    torch.manual_seed(1)
+    x = torch.rand(4, 1, 32, 32)
+    y = torch.tensor([0, 1, 0, 1])
+    mixed, soft = BatchMixer(2, cutmix_alpha=1.0)(x, y)
+    from_self = (mixed == x).float().mean(dim=(1, 2, 3))
+    from_other = (mixed == x.roll(1, 0)).float().mean(dim=(1, 2, 3))
+    assert torch.allclose(from_self + from_other, torch.ones(4))  # every pixel from one of the two images
+    assert torch.allclose(soft[torch.arange(4), y], from_self, atol=1e-6)
+
+
+def test_no_mixing_gives_one_hot_targets():
+    x, y = torch.rand(3, 1, 4, 4), torch.tensor([1, 0, 1])
+    out, soft = BatchMixer(2)(x, y)
+    assert torch.equal(out, x) and torch.equal(soft, torch.nn.functional.one_hot(y, 2).float())
