@@ -219,7 +219,7 @@ def validation_metrics(probs: np.ndarray, targets: np.ndarray, sources: np.ndarr
     from covidcxr.evaluation.metrics import within_source_auc
 
     out: dict = {"val_loss": float(F.nll_loss(torch.from_numpy(np.log(np.clip(probs, 1e-12, 1))).float(),
-                                               torch.from_numpy(targets)).item())}
+                                               torch.from_numpy(np.array(targets, dtype=np.int64))).item())}
     out["val_accuracy"] = float((probs.argmax(1) == targets).mean())
     score = positive_scores(probs, classes, positive)
     if score is not None:

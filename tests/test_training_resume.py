@@ -1,0 +1,142 @@
+"""Determinism, kill + resume of a real training process, and a k-fold ensemble - on a tiny subset of the shared data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidcxr.models.run import load_run
+from covidcxr.models.weights import sha256_file
+from covidcxr.training import load_config
+from covidcxr.training.loop import fit, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+# Metrics that must be bit-identical between an uninterrupted and a killed + resumed run.
+EXACT = ("train_loss", "val_loss", "val_auc", "val_within_source_auc", "lr", "selected")
+
+
+def _tiny_manifest(split_manifest, per_cell: int = 3):
+    """A few dozen real images: train/val rows of every label x source cell (IEEE keeps both classes in val)."""
+    t = split_manifest.table
+    keep = np.zeros(len(t), dtype=bool)
+    for (_, _, split), idx in t.groupby(["label", "source", "split"]).indices.items():
+        if split in ("train", "val"):
+            keep[idx[: per_cell if split == "train" else 2]] = True
+    return split_manifest.subset(mask=keep)
+
+
+TINY = ["model.name=tf_efficientnet_lite0", "model.weights=none", "preprocess.image_size=48",
+        "preprocess.intensity=percentile", "train.epochs=3", "train.batch_size=8", "train.samples_per_epoch=16",
+        "train.lr=0.002", "train.threads=1", "train.progress=false", "train.selection_metric=auc", "train.patience=null",
+        "augment.mixup_alpha=0.4", "augment.strong_intensity=true", "data.validate_images=decode"]
+
+
+@pytest.fixture(scope="module")
+def tiny(split_manifest, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    manifest = _tiny_manifest(split_manifest)
+    path = manifest.write(folder / "manifest.csv")
+    return manifest, path
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny, tmp_path_factory):
+    manifest, path = tiny
+    return fit(load_config(None, TINY + [f"data.manifest={path}"]), tmp_path_factory.mktemp("ref") / "run")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_gives_identical_weights_and_metrics(tiny, reference_run, tmp_path):
+    _, path = tiny
+    again = fit(load_config(None, TINY + [f"data.manifest={path}"]), tmp_path / "again")
+    assert sha256_file(again / "model.safetensors") == sha256_file(reference_run / "model.safetensors")
+    assert [{k: m[k] for k in EXACT} for m in _metrics(again)] == [{k: m[k] for k in EXACT} for m in _metrics(reference_run)]
+    other = fit(load_config(None, TINY + [f"data.manifest={path}", "train.seed=1", "train.epochs=1"]), tmp_path / "other")
+    assert _metrics(other)[0]["train_loss"] != _metrics(reference_run)[0]["train_loss"]
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_the_training_state(reference_run):
+    ckpt = torch.load(reference_run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 3 and set(ckpt) >= {"model", "optimizer", "scheduler", "rng", "best_value", "best_epoch",
+                                               "bad_epochs", "history"}
+    assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
+    assert len(ckpt["history"]) == 3
+
+
+def test_killed_run_resumes_to_the_same_result(tiny, reference_run, tmp_path):
+    _, path = tiny
+    out = tmp_path / "killed"
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("{}\n")
+    cmd = [sys.executable, "-c", "from covidcxr.cli import main; main()", "train", str(cfg), "--out", str(out),
+           *TINY, f"data.manifest={path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    output = proc.communicate()[0].decode(errors="replace")
+    assert last.exists(), output
+    done = int(load_checkpoint(last)["epoch"])
+    assert done < 3, "the process finished before it could be killed"
+    assert not (out / "run.json").exists()
+
+    # Without --resume the run directory is protected.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    got, want = _metrics(out), _metrics(reference_run)
+    assert [m["epoch"] for m in got] == [1, 2, 3]
+    assert [{k: m[k] for k in EXACT} for m in got] == [{k: m[k] for k in EXACT} for m in want]
+    assert sha256_file(out / "model.safetensors") == sha256_file(reference_run / "model.safetensors")
+
+
+def test_kfold_ensemble_loads_and_predicts_like_one_model(tiny, tmp_path):
+    from covidcxr.data.manifest import Manifest
+    from covidcxr.training import run_training
+
+    manifest = Manifest.read(tiny[1])  # image paths as stored in the file the run read
+    path = tiny[1]
+
+    out = run_training(None, tmp_path / "ens", overrides=TINY + [f"data.manifest={path}", "train.epochs=1",
+                                                                 "ensemble.tta=[hflip]"], folds=2)
+    record = json.loads((out / "run.json").read_text())
+    assert record["architecture"] == "ensemble" and record["members"] == ["members/fold_0", "members/fold_1"]
+    assert record["info"]["ensemble"]["folds"] == 2
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    dev = manifest.table[manifest.table["split"].isin(["train", "val"])]
+    # Every development image scored exactly once, by the member that did not train on it; no test rows.
+    assert sorted(oof["image"]) == sorted(dev["image"])
+    for k in (0, 1):
+        member = json.loads((out / "members" / f"fold_{k}" / "run.json").read_text())
+        assert member["tta"] == ["hflip"] and member["info"]["fold"] == k
+    from covidcxr.evaluation.thresholds import select_threshold
+
+    y = (oof["target"] == "covid").astype(int).to_numpy()
+    assert record["threshold"] == pytest.approx(select_threshold(y, oof["p_covid"].to_numpy()))
+    assert "out-of-fold" in record["info"]["threshold"]["chosen_on"]
+    run = load_run(out)
+    from covidcxr.data.io import read_xray
+
+    images = [read_xray(manifest.root / p).pixels for p in oof["image"].head(3)]
+    probs = run.predict_arrays(images)
+    assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (out / "MODEL_CARD.md").read_text().count("Research use only") == 1
