@@ -195,3 +195,31 @@ def test_no_mixing_gives_one_hot_targets():
     x, y = torch.rand(3, 1, 4, 4), torch.tensor([1, 0, 1])
     out, soft = BatchMixer(2)(x, y)
     assert torch.equal(out, x) and torch.equal(soft, torch.nn.functional.one_hot(y, 2).float())
+
+
+# ---------------------------------------------------------------- training data selection
+
+def test_unsplit_manifest_needs_a_split_or_split_seed(shared_manifest):
+    from covidcxr.training.loop import prepare_training_data
+
+    with pytest.raises(ConfigError, match=r"covidcxr data split.*data\.split_seed"):
+        prepare_training_data(load_config(None, []), shared_manifest)
+    data = prepare_training_data(load_config(None, ["data.split_seed=0"]), shared_manifest)
+    assert data.split_info["split_created_here"] and data.split_info["split_seed"] == 0
+    t = data.manifest.table
+    train_patients = set(t.loc[data.train_mask, "patient_id"])
+    assert not train_patients & set(t.loc[data.val_mask, "patient_id"])  # patient-grouped
+    assert not (data.train_mask | data.val_mask)[t["split"].to_numpy() == "test"].any()  # test never used
+
+
+def test_validation_cap_is_stratified_and_holdout_sources_are_left_out(split_manifest):
+    from covidcxr.training.loop import prepare_training_data
+
+    cfg = load_config(None, ["data.val_max_images=100", f"data.holdout_sources=['{FIG1}']"])
+    data = prepare_training_data(cfg, split_manifest)
+    t = data.manifest.table
+    assert 90 <= data.val_mask.sum() <= 115
+    assert not t.loc[data.train_mask | data.val_mask, "source"].eq(FIG1).any()
+    val = t[data.val_mask]
+    assert set(val["label"]) == {"covid", "normal", "pneumonia"} | ({"other"} & set(val["label"]))
+    assert val["source"].nunique() == 4
