@@ -31,6 +31,8 @@ from covidcxr.models.run import LoadedRun, load_run, write_json
 SUMMARY_FORMAT = "covidcxr-explain/1"
 CONTACT_SHEET = "contact_sheet.png"
 SUMMARY_JSON = "summary.json"
+#: Thumbnails on the contact sheet (a readable figure; every image still gets its own overlay).
+MAX_SHEET = 60
 
 
 def default_annotations() -> Annotations | None:
@@ -120,12 +122,14 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path], *, method:
                                                    targets[i], ann, used, cmap, alpha,
                                                    {k: float(v[i]) for k, v in roads.items()} if roads else None)
                     entries.append(entry)
-                    sheet.append(item)
+                    if len(sheet) < MAX_SHEET:
+                        sheet.append(item)
                     focus.append(lf)
             bar.advance(task, len(todo[start : start + batch_size]))
     if entries:
-        save_contact_sheet(out / CONTACT_SHEET, sheet, cmap=cmap, alpha=alpha,
-                           title=f"{method} for class '{_target_name(run, fixed_class)}' - {Path(run_dir).name}")
+        shown = f" (first {MAX_SHEET} of {len(entries)})" if len(entries) > MAX_SHEET else ""
+        save_contact_sheet(out / CONTACT_SHEET, sheet[:MAX_SHEET], cmap=cmap, alpha=alpha,
+                           title=f"{method} for class '{_target_name(run, fixed_class)}' - {Path(run_dir).name}{shown}")
     summary = {
         "format": SUMMARY_FORMAT,
         "run_dir": str(run_dir),
