@@ -63,9 +63,11 @@ def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dic
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"it needs the Python object {found.group(1)}" if found else "it asks to build Python objects"
         raise WeightsError(
-            f"{path}: refused, the file is not a weights-only pickle (it asks to run or build Python objects: "
-            f"{str(exc).splitlines()[0][:200]}). Save it with torch.save(model.state_dict(), ...) or as .safetensors."
+            f"{path}: refused, not a weights-only file ({what}, and loading it could run code). "
+            "Save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file."
         ) from exc
     except Exception as exc:  # torch / safetensors raise many types for corrupt files
         raise WeightsError(f"{path}: cannot be read as a weights file ({exc.__class__.__name__}: {exc})") from exc
@@ -130,7 +132,8 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], head_p
                     cand[k] = fitted
         if len(cand) > len(best):
             best = cand
-    missing = [k for k in backbone_keys if k not in best and not k.endswith("num_batches_tracked")]
+    backbone_keys = [k for k in backbone_keys if not k.endswith("num_batches_tracked")]  # a counter, not a weight
+    missing = [k for k in backbone_keys if k not in best]
     if missing:
         what = f"this architecture ({architecture})" if architecture else "this architecture"
         raise WeightsError(
