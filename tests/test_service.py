@@ -22,7 +22,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def run_dir(request, tmp_path_factory):
     run_dir = serving_run(request, tmp_path_factory)
-    (run_dir / "MODEL_CARD.md").write_text("# Test model card\n\nIntended use: research.\n")
+    card = run_dir / "MODEL_CARD.md"
+    if not card.is_file():  # training writes one; make sure the endpoint has one to serve either way
+        card.write_text("# Test model card\n\nIntended use: research.\n")
     return run_dir
 
 
@@ -161,11 +163,13 @@ def test_audit_log_has_every_request_and_no_patient_data(service, data_root):
 
 
 def test_model_endpoint_and_page(service):
-    client, _ = service
+    client, app = service
+    record = json.loads((app.state.service.run_dir / "run.json").read_text())
     card = client.get("/v1/model", headers=AUTH).json()
-    assert card["model_card"].startswith("# Test model card")
-    assert card["classes"] and card["threshold"] is not None
-    assert "info" in card["metrics"]
+    assert card["model_card"] == (app.state.service.run_dir / "MODEL_CARD.md").read_text()
+    assert card["classes"] == record["classes"] and card["threshold"] == record["threshold"]
+    assert card["metrics"]["val_metrics"] == record["info"]["val_metrics"]  # validation, as stored at training
+    assert card["metrics"]["threshold"]["chosen_on"] == "val"
     page = client.get("/")
     assert page.status_code == 200 and "not a medical device" in page.text
     assert client.get("/static/app.js").status_code == 200

@@ -191,17 +191,28 @@ class PredictionService:
         }
 
 
+#: ``run.json["info"]`` entries that describe validation (the page shows these; the rest is provenance).
+VALIDATION_INFO_KEYS = ("selection", "val_metrics", "threshold")
+
+
 def run_metrics(run_dir: Path, record: dict) -> dict:
-    """Validation metrics stored with a run: ``run.json`` info, the last ``metrics.jsonl`` line, ``eval/*/metrics.json``."""
-    metrics: dict = {"info": record.get("info") or {}}
+    """Validation metrics stored with a run.
+
+    ``run.json`` info (checkpoint selection, validation metrics, threshold choice); without those,
+    the last ``metrics.jsonl`` line; plus ``eval/*/metrics.json`` written by ``covidcxr evaluate``
+    (named by their folder, e.g. an external test set).
+    """
+    info = record.get("info") or {}
+    metrics: dict = {k: info[k] for k in VALIDATION_INFO_KEYS if k in info}
     log_file = run_dir / "metrics.jsonl"
-    if log_file.is_file():
+    if not metrics and log_file.is_file():
         lines = [ln for ln in log_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if lines:
-            try:
-                metrics["last_epoch"] = json.loads(lines[-1])
-            except json.JSONDecodeError:
-                metrics["last_epoch"] = None
+        try:
+            metrics["last_epoch"] = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            metrics["last_epoch"] = None
+    if not metrics:
+        metrics["info"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
     evaluations = {}
     for path in sorted((run_dir / "eval").glob("*/metrics.json")):
         try:
