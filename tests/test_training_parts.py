@@ -223,3 +223,28 @@ def test_validation_cap_is_stratified_and_holdout_sources_are_left_out(split_man
     val = t[data.val_mask]
     assert set(val["label"]) == {"covid", "normal", "pneumonia"} | ({"other"} & set(val["label"]))
     assert val["source"].nunique() == 4
+
+
+def test_dataset_skips_unreadable_images_with_their_reason(split_manifest, tmp_path, caplog):
+    import shutil
+
+    from covidcxr.data.dataset import CXRDataset
+    from covidcxr.data.preprocess import PreprocessSpec
+
+    table = split_manifest.table.head(4).copy()
+    paths = split_manifest.image_paths()[:4]
+    for i, p in enumerate(paths[:3]):
+        shutil.copy(p, tmp_path / f"img{i}.jpg")
+    (tmp_path / "img1.jpg").write_bytes(b"not an image at all")  # corrupt
+    table["image"] = ["img0.jpg", "img1.jpg", "img2.jpg", "missing.jpg"]
+    manifest = split_manifest.replace(table)
+    manifest.root = tmp_path
+    with caplog.at_level("WARNING"):
+        ds = CXRDataset(manifest, "binary", PreprocessSpec(image_size=32), validate="decode")
+    assert len(ds) == 2 and list(ds.rows) == [0, 2]
+    reasons = {Path(s.path).name: s.reason for s in ds.skipped}
+    assert set(reasons) == {"img1.jpg", "missing.jpg"} and "not found" in reasons["missing.jpg"]
+    assert "img1.jpg" in caplog.text and "missing.jpg" in caplog.text
+    x, y, i = ds[(1, 123)]
+    assert x.shape == (3, 32, 32) and i == 1 and y == ds.targets[1]
+    assert ds.report()["skipped"][0]["row"] in (1, 3)

@@ -420,6 +420,9 @@ def fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | Non
     data = data or prepare_training_data(config, manifest)
     space: LabelSpace = get_label_space(config.data.label_space)
     spec = build_spec(config)
+    # The model first: missing / mismatching weights should stop a run before images are read.
+    seed_everything(t.seed, epoch=10**6)  # the new head's initial weights (a stream no epoch uses)
+    model, groups, finetune_plan = build_model(config, len(space.classes))
     train_ds = CXRDataset(data.manifest.subset(mask=data.train_mask), space, spec,
                           augment=build_augmentation(config.augment), validate=config.data.validate_images,
                           progress=t.progress)
@@ -430,8 +433,6 @@ def fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | Non
     positive = space.positive
     _check_selection_possible(config, val_ds, positive)
 
-    seed_everything(t.seed, epoch=10**6)  # the new head's initial weights (a stream no epoch uses)
-    model, groups, finetune_plan = build_model(config, len(space.classes))
     model.to(device)
     if device.type == "cuda" and t.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -444,7 +445,7 @@ def fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | Non
     mixer = BatchMixer.from_config(config.augment, len(space.classes))
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=_collate,
                         worker_init_fn=_worker_init if t.num_workers else None,
-                        persistent_workers=False)
+                        persistent_workers=t.num_workers > 0)  # workers keep their prepared-image cache
 
     start_epoch, best, best_epoch, bad_epochs, history = 0, None, None, 0, []
     if resume and last_path.exists():
