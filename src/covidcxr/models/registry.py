@@ -36,7 +36,9 @@ class Architecture:
     name: str
     build: Callable[[int], nn.Module]  # num_classes -> model with random weights
     head: Callable[[nn.Module], list[str]]  # parameter-name prefixes of the new classifier head
-    stages: Callable[[nn.Module], list[nn.Module]]  # backbone stages, input -> output order
+    # Backbone stages, input -> output order. Fine-tuning and sanity checks use
+    # stage_parameter_names(), which is the canonical grouping (timm: group_matcher).
+    stages: Callable[[nn.Module], list[nn.Module]]
     cam_layer: Callable[[nn.Module], nn.Module]  # default Grad-CAM target layer (a sub-module of the model)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -169,7 +171,12 @@ def _timm_head(model: nn.Module) -> list[str]:
 def _timm_stage_params(model: nn.Module) -> list[list[str]]:
     from timm.models import group_parameters
 
-    groups = [list(names) for _, names in sorted(group_parameters(model, model.group_matcher(coarse=True)).items())]
+    try:
+        matcher = model.group_matcher(coarse=True)
+    except (AttributeError, NotImplementedError):  # a model without timm's grouping: its feature stages
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [[names[id(p)] for p in model.get_submodule(info["module"]).parameters()] for info in model.feature_info]
+    groups = [list(names) for _, names in sorted(group_parameters(model, matcher).items())]
     # timm files pretrained parts of the head container (ConvNeXt's head.norm) with the classifier;
     # they belong to the last backbone stage, not to a stage of their own.
     head = tuple(_timm_head(model))
