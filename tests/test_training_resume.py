@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from covidcxr.errors import CovidCXRError
 from covidcxr.models.run import load_run
 from covidcxr.models.weights import sha256_file
 from covidcxr.training import load_config
@@ -98,8 +99,8 @@ def test_killed_run_resumes_to_the_same_result(tiny, reference_run, tmp_path):
     assert not (out / "run.json").exists()
 
     # Without --resume the run directory is protected.
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    with pytest.raises(CovidCXRError, match="--resume"):
+        fit(load_config(None, TINY + [f"data.manifest={path}"]), out)
 
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

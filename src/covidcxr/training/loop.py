@@ -392,7 +392,24 @@ def train_one_epoch(model, loader, optimizer, scheduler, mixer: BatchMixer, loss
 
 def fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | None = None, resume: bool = False,
         data: TrainingData | None = None, write_card: bool = True, extra_info: dict | None = None) -> Path:
-    """Train one model as ``config`` says and write the run directory ``out_dir`` (returned)."""
+    """Train one model as ``config`` says and write the run directory ``out_dir`` (returned).
+
+    ``manifest`` replaces reading ``config.data.manifest``; ``data`` fixes the train / val rows
+    (k-fold members). Process-wide torch settings changed for the run (deterministic algorithms,
+    thread count) are restored afterwards.
+    """
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return _fit(config, out_dir, manifest=manifest, resume=resume, data=data, write_card=write_card,
+                    extra_info=extra_info)
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
+
+
+def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | None, resume: bool,
+         data: TrainingData | None, write_card: bool, extra_info: dict | None) -> Path:
     from covidcxr.progress import make_progress
 
     started = time.perf_counter()
