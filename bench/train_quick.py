@@ -44,6 +44,8 @@ def main() -> None:
     result = {
         "config": str(Path(args.config).name), "overrides": args.overrides, "wall_s": round(wall, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # CPU seconds (user + system): less sensitive than wall time to other processes sharing the CPU.
+        "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg_start": [round(v, 2) for v in load_start], "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "selection": record["info"]["selection"], "threshold": record["threshold"],
