@@ -81,7 +81,8 @@ def plot_progression(run_dir: str | Path, manifest, patient_id: str, *, method: 
                         "heat": to_original_geometry(cam, xray.pixels.shape, run.spec), "pixels": xray.pixels})
     out = Path(out) if out is not None else Path(run_dir) / "explain"
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in patient_id)
-    figure = _draw(entries, out / f"progression_{safe}.png", patient_id, method, target_name, cmap, alpha)
+    threshold = run.threshold if fixed is not None and fixed == run.positive_index else None
+    figure = _draw(entries, out / f"progression_{safe}.png", patient_id, method, target_name, cmap, alpha, threshold)
     result = {"patient_id": patient_id, "run_dir": str(run_dir), "method": method, "figure": figure.name,
               "target_class": target_name or "predicted", "skipped": skipped,
               "studies": [{k: v for k, v in e.items() if k not in ("heat", "pixels")} for e in entries]}
@@ -89,7 +90,7 @@ def plot_progression(run_dir: str | Path, manifest, patient_id: str, *, method: 
     return result
 
 
-def _draw(entries, path: Path, patient_id, method, target_name, cmap, alpha) -> Path:
+def _draw(entries, path: Path, patient_id, method, target_name, cmap, alpha, threshold=None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,6 +108,9 @@ def _draw(entries, path: Path, patient_id, method, target_name, cmap, alpha) -> 
     dated = [e for e in entries if e["offset_days"] is not None]
     if dated:
         ax.plot([e["offset_days"] for e in dated], [e["probability"] for e in dated], marker="o")
+    if threshold is not None:
+        ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"decision threshold {threshold:.3g}")
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("days (offset_days)")
     ax.set_ylabel(f"p({target_name})" if target_name else "p(predicted)")
