@@ -545,17 +545,17 @@ def _json_line(record: dict) -> str:
 
 
 def _check_selection_possible(config: TrainingConfig, val_ds: CXRDataset, positive: str | None) -> None:
-    name = config.train.selection_metric
-    if name in ("auc", "within_source_auc") and positive is None and name == "within_source_auc":
+    """Fail before training when the selection metric cannot be computed on this validation set."""
+    if config.train.selection_metric != "within_source_auc":
+        return
+    if positive is None:
         raise ConfigError("config key train.selection_metric: within_source_auc needs a label space with a positive "
                           "class; use auc or val_loss")
-    if name == "within_source_auc":
-        pos = val_ds.classes.index(positive)
-        t = pd.DataFrame({"s": val_ds.sources, "y": val_ds.targets == pos})
-        mixed = [s for s, g in t.groupby("s") if 0 < g["y"].sum() < len(g)]
-        if not mixed:
-            raise ConfigError("config key train.selection_metric: within_source_auc needs validation sources holding "
-                              "both classes and none does; use auc or val_loss, or another split")
+    pos = val_ds.classes.index(positive)
+    t = pd.DataFrame({"s": val_ds.sources, "y": val_ds.targets == pos})
+    if not any(0 < g["y"].sum() < len(g) for _, g in t.groupby("s")):
+        raise ConfigError("config key train.selection_metric: within_source_auc needs validation sources holding "
+                          "both classes and none does; use auc or val_loss, or another split")
 
 
 def _write_val_predictions(out_dir: Path, ds: CXRDataset, probs: np.ndarray) -> None:
