@@ -102,6 +102,28 @@ def test_bad_input_gets_4xx_and_service_stays_up(service, data_root, case):
     _assert_good(client, data_root)
 
 
+def test_pixel_bomb_and_chunked_oversized_upload_are_refused(service, data_root):
+    from PIL import Image
+
+    client, _ = service
+    buf = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(buf, format="PNG")  # 49 megapixels in a few kB
+    assert len(buf.getvalue()) < 100_000
+    response = _post(client, "bomb.png", buf.getvalue())
+    assert response.status_code == 422 and "max_pixels" in response.json()["detail"]
+
+    def chunked_body():  # no Content-Length: the limit must hold while streaming
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+        for _ in range(MAX_UPLOAD // (1 << 20) + 2):
+            yield b"\0" * (1 << 20)
+        yield b"\r\n--b--\r\n"
+
+    response = client.post("/v1/predict", content=chunked_body(), headers={
+        **AUTH, "content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and "too large" in response.json()["detail"]
+    _assert_good(client, data_root)
+
+
 def test_timeout_gives_504_and_next_request_works(service, data_root):
     client, app = service
     settings = app.state.service.settings

@@ -269,7 +269,7 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
                                               "or `X-API-Token: <token>`", headers={"WWW-Authenticate": "Bearer"})
 
     too_large = (f"upload too large: the limit is {settings.max_upload_bytes:,} bytes "
-                 f"({settings.max_upload_bytes / 2**20:.0f} MiB)")
+                 f"({settings.max_upload_bytes / 2**20:.1f} MiB)")
 
     @app.middleware("http")
     async def reject_large_uploads(request: Request, call_next):
