@@ -144,8 +144,6 @@ class PredictionService:
         self.audit.close()
 
     def predict_bytes(self, data: bytes, filename: str | None, request_id: str, heatmap: bool) -> dict:
-        import torch
-
         from covidcxr.data import decode_xray
         from covidcxr.data.preprocess import preprocess
         from covidcxr.serving.heatmap import display_layers
