@@ -168,3 +168,32 @@ def test_road_rewards_the_map_that_marks_what_the_model_uses(data_root):
     assert scores["morf"][0] < scores["morf"][1]
     again = road_scores(_LeftTextureModel(), x, cams, [1, 1], percentiles=(50, 70, 90))
     np.testing.assert_allclose(again["combined"], scores["combined"])  # seeded: reproducible
+
+
+def test_multiclass_run_without_positive_class_explains_the_predicted_class(tmp_path, inputs):
+    torch.manual_seed(1)
+    spec = PreprocessSpec(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    save_model(tmp_path / "three", create_model("resnet18", 3), architecture="resnet18",
+               classes=["normal", "pneumonia", "other"], preprocess_spec=spec)
+    run = load_run(tmp_path / "three")
+    assert run.positive_class is None
+    predicted = [int(k) for k in run.predict_tensor(inputs).argmax(1)]
+    np.testing.assert_allclose(compute_cams(run, inputs), compute_cams(run, inputs, class_indices=predicted), atol=1e-6)
+    other = [(k + 1) % 3 for k in predicted]
+    assert np.abs(compute_cams(run, inputs) - compute_cams(run, inputs, class_indices=other)).mean() > 0.01
+
+
+def test_dicom_input_and_sanity_cli(runs, data_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from covidcxr.cli import app
+
+    dicom = data_root / "dicom" / "RG1_UNCR.dcm"
+    summary = explain_images(runs / "eff", [dicom], out=tmp_path / "dcm")
+    assert not summary["skipped"] and summary["images"][0]["lung_focus"] is None
+    assert (tmp_path / "dcm" / "RG1_UNCR_gradcam.png").stat().st_size > 10_000
+    res = CliRunner().invoke(app, ["explain", str(runs / "res"), *[str(data_root / p) for p in ANNOTATED],
+                                   "--sanity", "full", "--method", "gradcam,eigencam", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    methods = json.loads((tmp_path / "s" / "sanity.json").read_text())["methods"]
+    assert set(methods) == {"gradcam", "eigencam"} and "mean |rho|" in res.output
