@@ -9,6 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Read once at import: os.umask() can only be read by setting it, which is not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write via a temporary file + rename so a killed process never leaves half a file.
@@ -24,6 +28,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -94,18 +94,22 @@ def standardise_intensity(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarra
     return clahe.apply(x16).astype(np.float32) / 65535.0
 
 
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of an H x W image inside its letterboxed size x size version."""
+    scale = size / max(height, width)
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    return (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
 def resize_square(pixels: np.ndarray, size: int, mode: Resize = "stretch") -> np.ndarray:
     """Resize to size x size: stretch, or keep the aspect ratio and pad with black (letterbox)."""
     h, w = pixels.shape[:2]
     interp = cv2.INTER_AREA if max(h, w) > size else cv2.INTER_LINEAR
     if mode == "stretch":
         return cv2.resize(pixels, (size, size), interpolation=interp)
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = cv2.resize(pixels, (nw, nh), interpolation=interp)
+    top, left, nh, nw = letterbox_box(h, w, size)
     out = np.zeros((size, size), dtype=pixels.dtype)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top : top + nh, left : left + nw] = small
+    out[top : top + nh, left : left + nw] = cv2.resize(pixels, (nw, nh), interpolation=interp)
     return out
 
 

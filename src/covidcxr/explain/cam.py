@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidcxr.data.preprocess import PreprocessSpec
+from covidcxr.data.preprocess import PreprocessSpec, letterbox_box
 from covidcxr.errors import ConfigError
 from covidcxr.models.registry import get_architecture
 from covidcxr.models.run import EnsembleModel, LoadedRun, read_run_record
@@ -166,13 +166,6 @@ def _rescale(maps: np.ndarray) -> np.ndarray:
     lo = maps.reshape(len(maps), -1).min(1)[:, None, None]
     hi = maps.reshape(len(maps), -1).max(1)[:, None, None]
     return ((maps - lo) / np.maximum(hi - lo, 1e-7)).astype(np.float32)
-
-
-def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the image inside a letterboxed size x size input (as ``resize_square`` pads)."""
-    scale = size / max(height, width)
-    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
-    return (size - nh) // 2, (size - nw) // 2, nh, nw
 
 
 def to_original_geometry(cam: np.ndarray, shape: tuple[int, int], spec: PreprocessSpec) -> np.ndarray:
