@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidcxr.data.manifest import Manifest
-from covidcxr.evaluation.evaluate import evaluate_run
+from covidcxr.evaluation.evaluate import evaluate_run, render_summary
 from covidcxr.evaluation.report import build_report
 
 
@@ -37,9 +37,14 @@ def main() -> None:
     ap.add_argument("manifest", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/img/report.png"))
     ap.add_argument("--explain", type=int, default=6, help="test images to explain for the heatmap gallery")
+    ap.add_argument("--no-evaluate", action="store_true", help="reuse RUN_DIR/eval/ from an earlier run")
     ap.add_argument("--height", type=int, default=2600, help="screenshot height in px (0: full page)")
     args = ap.parse_args()
-    evaluate_run(args.run_dir, args.manifest, by="source", prevalence=0.05)
+    from rich.console import Console
+
+    if not args.no_evaluate:
+        result = evaluate_run(args.run_dir, args.manifest, by="source", prevalence=0.05)
+        render_summary(result, Console(width=120))
     if args.explain:
         from covidcxr.explain.images import explain_images
 

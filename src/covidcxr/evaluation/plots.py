@@ -163,8 +163,9 @@ def plot_training_curves(path, epochs: list[dict]) -> Path | None:
         return None
     x = [e.get("epoch", i) for i, e in enumerate(epochs)]
     loss_keys = [k for k in keys if "loss" in k]
-    other = [k for k in keys if k not in loss_keys and not k.endswith("_s") and k not in ("lr", "time", "seconds")]
-    panels = [p for p in (loss_keys, other) if p]
+    # scores on the [0, 1] scale (AUC, accuracy, ...); counts, timings and the learning rate are left out
+    scores = [k for k in keys if k not in loss_keys and k != "lr" and all(0 <= e[k] <= 1 for e in epochs)]
+    panels = [p for p in (loss_keys, scores) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, ks in zip(axes[0], panels):
         for k in ks:

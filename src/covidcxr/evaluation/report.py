@@ -91,6 +91,27 @@ def _scalar(v):
     return json.dumps(v, default=str)[:200] if isinstance(v, (dict, list)) else v
 
 
+def collapsed(title: str, body: Markup) -> Markup:
+    """A native <details> block (no script): long tables stay out of the way until opened."""
+    return Markup(f"<details><summary>{escape(title)}</summary>{body}</details>")
+
+
+def render_audit(audit: dict) -> Markup:
+    """Audit headline numbers and findings (check, severity, message) up front; the rest collapsed."""
+    if not isinstance(audit, dict):
+        return render_value(audit)
+    head_keys = [k for k in ("manifest", "n_images", "n_patients", "ok", "n_errors", "n_warnings") if k in audit]
+    parts = [render_value({k: audit[k] for k in head_keys})] if head_keys else []
+    findings = audit.get("findings")
+    if isinstance(findings, list) and findings and all(isinstance(f, dict) for f in findings):
+        rows = [[f.get("severity"), f.get("check"), f.get("message")] for f in findings]
+        parts.append(Markup("<h3>Findings</h3>") + html_table(["severity", "check", "message"], rows, numeric_from=3))
+    rest = {k: v for k, v in audit.items() if k not in head_keys}
+    if rest:
+        parts.append(collapsed("Full audit record", render_value(rest)))
+    return Markup("").join(parts)
+
+
 def render_markdown(text: str) -> Markup:
     """Markdown (CommonMark + tables) to HTML with raw HTML disabled, so a model card cannot inject markup."""
     from markdown_it import MarkdownIt
@@ -330,8 +351,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 "threshold_text": "none" if threshold is None else f"{threshold:.4g} (chosen on validation)",
                 "sha": record.get("model_sha256", "")},
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "audit": render_value(_read_json(audit_path)) if audit_path.is_file() else None,
-        "run_info": render_value(record.get("info")) if record.get("info") else None,
+        "audit": render_audit(_read_json(audit_path)) if audit_path.is_file() else None,
+        "run_info": collapsed("run.json info (selection, threshold, data, versions)", render_value(record.get("info")))
+        if record.get("info") else None,
         "training_curves": _training_curves(epochs) if epochs else None,
         "n_epochs": len(epochs),
         "evals": [_eval_context(name, ev) for name, ev in evals.items()],
