@@ -277,3 +277,30 @@ def test_three_class_run_gets_one_vs_rest_and_confusion_matrix(eval_manifest, we
                                                                     labels=list(space.classes)).tolist()
     assert (pred["y_pred"] == (pred["prob_covid"] >= 0.3)).all()  # covid-vs-rest decision at the stored threshold
     assert (tmp_path / "ev" / res["plots"]["test"]["confusion_multiclass"]).is_file()
+
+
+def test_label_space_from_run_record_yaml_and_errors(run_dir, tmp_path):
+    import yaml
+
+    from covidcxr.errors import ConfigError
+    from covidcxr.evaluation.evaluate import run_label_space
+
+    assert run_label_space(load_run(run_dir)).name == "binary"  # recorded by training in run.json info
+    run = tmp_path / "yamlrun"
+    run.mkdir()
+    for name in ("run.json", "model.safetensors", "config.yaml"):
+        (run / name).write_bytes((run_dir / name).read_bytes())
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("name: covid-or-not\nclasses: [non-covid, covid]\npositive: covid\n"
+                          "rules:\n  - {label: covid, class: covid}\ndefault: non-covid\n")
+    record = json.loads((run / "run.json").read_text())
+    record["info"]["label_space"] = {"name": "covid-or-not"}
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="--label-space"):
+        run_label_space(load_run(run))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["label_space"] = str(space_file)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_label_space(load_run(run)).name == "covid-or-not"
+    with pytest.raises(ConfigError, match="classes"):
+        run_label_space(load_run(run), "3class")

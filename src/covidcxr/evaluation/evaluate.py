@@ -57,11 +57,30 @@ def run_label_space(run: LoadedRun, override: str | Path | None = None) -> Label
     if not candidates:
         raise ConfigError(f"{run.run_dir}: run.json records no label space and its classes {run.classes} match no "
                           "built-in one; pass --label-space NAME_OR_YAML")
-    space = get_label_space(candidates[0])
+    try:
+        space = get_label_space(candidates[0])
+    except ConfigError:
+        # a YAML label space is recorded by name; training's config.yaml keeps the file path
+        path = _config_label_space(run.run_dir)
+        if override is not None or path is None:
+            raise ConfigError(f"{run.run_dir}: label space {candidates[0]!r} is not built in and its YAML file is "
+                              "unknown; pass --label-space PATH.yaml") from None
+        space = get_label_space(path)
     if list(space.classes) != run.classes:
         raise ConfigError(f"label space {space.name!r} has classes {list(space.classes)} but the run predicts "
                           f"{run.classes}; pass the label space the run was trained with")
     return space
+
+
+def _config_label_space(run_dir: Path) -> str | None:
+    import yaml
+
+    cfg = Path(run_dir) / "config.yaml"
+    try:
+        value = ((yaml.safe_load(cfg.read_text()) or {}).get("data") or {}).get("label_space")
+    except (OSError, yaml.YAMLError):
+        return None
+    return str(value) if value and Path(str(value)).is_file() else None
 
 
 def _as_manifest(manifest: str | Path | Manifest) -> Manifest:
