@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.data.labels import LABEL_SPACES, LabelSpace, get_label_space
-from covidcxr.data.manifest import Manifest
+from covidcxr.data.manifest import SPLITS, Manifest
 from covidcxr.errors import ConfigError, CovidCXRError
 from covidcxr.evaluation import calibration as cal
 from covidcxr.evaluation import plots
@@ -214,6 +214,8 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path | Manifest, *, split:
     groups = [split]
     if split == "test" and (manifest.table["split"] == "external").any():
         groups.append("external")
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: use one of {list(SPLITS)}")
     missing = [g for g in groups if not (manifest.table["split"] == g).any()]
     if missing:
         counts = manifest.table["split"].replace("", "(empty)").value_counts().to_dict()
