@@ -125,6 +125,14 @@ def train(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_dir = run_training(config, out, overrides=list(overrides or []), resume=resume, folds=folds)
+    from covidcxr.models.run import read_run_record
+
+    record = read_run_record(run_dir)
+    selection = record.get("info", {}).get("selection") or {}
+    if selection.get("value") is not None:
+        console.print(f"selected epoch {selection.get('epoch')} by validation {selection.get('metric')} = "
+                      f"{selection['value']:.3f}; decision threshold {record.get('threshold'):.4g} (chosen on validation)",
+                      highlight=False)
     console.print(f"run written to [bold]{run_dir}[/bold] (run.json, model, metrics.jsonl, MODEL_CARD.md)")
 
 

@@ -520,8 +520,8 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                 "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "history": [json.dumps(h) for h in history],
             })
-            log.info("epoch %d: %s", epoch + 1, {k: record[k] for k in ("train_loss", "val_loss", "val_auc",
-                                                                         "val_within_source_auc") if k in record})
+            if t.progress:
+                progress.console.print(epoch_summary(record), highlight=False)
     if writer is not None:
         writer.close()
     if best_epoch is None:
@@ -529,6 +529,18 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
     return finalize_run(config, out_dir, model, spec, space, train_ds, val_ds, data, history, best, best_epoch,
                         stopped_early, time.perf_counter() - started, device, write_card,
                         {"finetune": finetune_plan, **(extra_info or {})})
+
+
+def epoch_summary(record: dict) -> str:
+    """One console line per epoch: the validation metrics that checkpoint selection looks at."""
+    parts = [f"epoch {record['epoch']}"]
+    for key, name in (("train_loss", "train loss"), ("val_loss", "val loss"), ("val_auc", "val AUC"),
+                      ("val_within_source_auc", "val within-source AUC")):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{name} {record[key]:.3f}")
+    if record.get("selected"):
+        parts.append("(best so far: checkpoint kept)")
+    return "  " + " | ".join(parts)
 
 
 def _finite_or_none(v):
