@@ -130,9 +130,11 @@ def train(
     record = read_run_record(run_dir)
     selection = record.get("info", {}).get("selection") or {}
     if selection.get("value") is not None:
+        threshold = record.get("threshold")
+        decision = (f"decision threshold {threshold:.4g} (chosen on validation)" if threshold is not None
+                    else "decision: most probable class")
         console.print(f"selected epoch {selection.get('epoch')} by validation {selection.get('metric')} = "
-                      f"{selection['value']:.3f}; decision threshold {record.get('threshold'):.4g} (chosen on validation)",
-                      highlight=False)
+                      f"{selection['value']:.3f}; {decision}", highlight=False)
     console.print(f"run written to [bold]{run_dir}[/bold] (run.json, model, metrics.jsonl, MODEL_CARD.md)")
 
 
