@@ -6,7 +6,7 @@ Add an export by adding ``"name": "covidcxr.data.module"`` to ``_EXPORTS``.
 
 from __future__ import annotations
 
-import importlib
+from covidcxr._lazy import lazy_exports
 
 _EXPORTS = {
     # image io (image-io engineer)
@@ -17,13 +17,4 @@ _EXPORTS = {
     "WorkingSizeCache": "covidcxr.data.cache",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'covidcxr.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -6,7 +6,7 @@ Imports are lazy so that ``import covidcxr.explain`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
+from covidcxr._lazy import lazy_exports
 
 _EXPORTS = {
     "METHODS": "covidcxr.explain.cam",
@@ -26,13 +26,4 @@ _EXPORTS = {
     "feature_maps": "covidcxr.explain.features",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'covidcxr.explain' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

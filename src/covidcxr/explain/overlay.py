@@ -47,6 +47,10 @@ def save_overlay(path: str | Path, pixels: np.ndarray, cam: np.ndarray, *, title
     artist = draw_overlay(ax, pixels, cam, cmap=cmap, alpha=alpha, lung=lung, title=title)
     bar = fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02)
     bar.set_label("relevance (scaled per image)", fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,9 +95,4 @@ def save_contact_sheet(path: str | Path, items: list[SheetItem], *, columns: int
         ax.set_title(item.caption, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
