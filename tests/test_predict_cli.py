@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from covidcxr.cli import app
-from serving_helpers import sample_paths, serving_run, truncated_jpeg
+from serving_helpers import ct_dicom, sample_paths, serving_run, truncated_jpeg
 
 
 runner = CliRunner()
@@ -154,3 +154,20 @@ def test_refuses_model_whose_sha256_changed(run_dir, data_root, tmp_path):
     message = _user_error(result)
     assert "does not match" in message and "model.safetensors" in message
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_ct_dicom_skipped_with_reason_unless_allowed(run_dir, data_root, tmp_path):
+    ct = tmp_path / "scan.dcm"
+    ct.write_bytes(ct_dicom(data_root))
+    out = tmp_path / "refused.csv"
+    result = _invoke("predict", run_dir, ct, "--out", out)
+    assert result.exit_code == 0, result.output
+    skipped = pd.read_csv(str(out) + ".skipped.csv")
+    assert skipped["path"].tolist() == [str(ct)] and "CT" in skipped["reason"][0]
+    assert len(pd.read_csv(out)) == 0
+
+    allowed = tmp_path / "allowed.csv"
+    result = _invoke("predict", run_dir, ct, "--out", allowed, "--allow-non-frontal")
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(allowed)
+    assert rows["path"].tolist() == [str(ct)] and np.isclose(rows.filter(like="prob_").sum(axis=1), 1).all()

@@ -265,12 +265,14 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="folder for one Grad-CAM overlay PNG per image"),
     workers: int = typer.Option(2, min=1, help="image decoding threads"),
+    allow_non_frontal: bool = typer.Option(False, "--allow-non-frontal",
+                                           help="also predict DICOMs that say they are CT / lateral (refused by default)"),
 ):
     """Predict class probabilities for many images; bad files are listed in <out>.skipped.csv and skipped."""
     from covidcxr.serving.batch import predict_run
 
     result = predict_run(run_dir, paths, out, backend=backend, heatmaps=heatmaps, batch_size=batch_size,
-                         resume=resume, overwrite=overwrite, workers=workers)
+                         resume=resume, overwrite=overwrite, workers=workers, allow_non_frontal=allow_non_frontal)
     for path, reason in result.skipped[:20]:
         err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
     if len(result.skipped) > 20:
@@ -307,12 +309,15 @@ def serve(
     timeout: float = typer.Option(30.0, help="seconds per prediction before 504"),
     heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Grad-CAM overlays in responses"),
     workers: int = typer.Option(2, min=1, help="inference threads"),
+    allow_non_frontal: bool = typer.Option(False, "--allow-non-frontal",
+                                           help="accept DICOMs that say they are CT / lateral (422 by default)"),
 ):
     """Serve the model: web page at /, API at /v1/predict and /v1/model, docs at /docs."""
     from covidcxr.serving.app import serve_run
 
     serve_run(run_dir, host=host, port=port, backend=backend, token=token, audit_db=audit_db,
-              max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout, heatmaps=heatmaps, workers=workers)
+              max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout, heatmaps=heatmaps, workers=workers,
+              allow_non_frontal=allow_non_frontal)
 
 
 if __name__ == "__main__":

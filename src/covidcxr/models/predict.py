@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -38,13 +39,14 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _load(path: str) -> tuple[str, np.ndarray | None, str | None, str | None]:
+def _load(path: str, allow_non_frontal: bool = False) -> tuple[str, np.ndarray | None, str | None, str | None]:
     """(path, pixels, input sha256, error reason) for one file; never raises for bad input."""
     from covidcxr.data import decode_xray
 
     try:
         data = Path(path).read_bytes()  # hash and decode the same bytes: the file is read once
-        return path, decode_xray(data, path).pixels, hashlib.sha256(data).hexdigest(), None
+        pixels = decode_xray(data, path, allow_non_frontal=allow_non_frontal).pixels
+        return path, pixels, hashlib.sha256(data).hexdigest(), None
     except CovidCXRError as exc:
         return path, None, None, getattr(exc, "reason", str(exc))
     except OSError as exc:
@@ -57,20 +59,22 @@ def prediction_columns(run: LoadedRun) -> list[str]:
 
 def predict_paths(run: LoadedRun, paths: Sequence[str | Path], *, batch_size: int = 16, progress: bool = True,
                   workers: int = 2, on_batch: Callable[[pd.DataFrame, list[tuple[str, str]]], None] | None = None,
-                  ) -> Predictions:
+                  allow_non_frontal: bool = False) -> Predictions:
     """Predict every file in ``paths`` with ``run``; bad files land in ``Predictions.skipped``.
 
     ``on_batch(rows, skipped)`` is called after each batch (e.g. to append to an output file so
     that a killed job loses at most one batch). Decoding runs in ``workers`` threads, since the
-    image decoders release the GIL.
+    image decoders release the GIL. ``allow_non_frontal`` accepts DICOMs that say they are CT /
+    lateral (refused by default, with the reason, like any unreadable file).
     """
     paths = [str(p) for p in paths]
     frames: list[pd.DataFrame] = []
     skipped: list[tuple[str, str]] = []
+    load = partial(_load, allow_non_frontal=allow_non_frontal)
     with make_progress(disable=not progress) as bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         task = bar.add_task("predicting", total=len(paths))
         for start in range(0, len(paths), batch_size):
-            loaded = list(pool.map(_load, paths[start : start + batch_size]))
+            loaded = list(pool.map(load, paths[start : start + batch_size]))
             good = [(p, px, h) for p, px, h, err in loaded if err is None]
             bad = [(p, err) for p, px, h, err in loaded if err is not None]
             rows = _predict_batch(run, good)

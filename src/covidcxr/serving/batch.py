@@ -259,7 +259,8 @@ def _done_paths(out: Path, journal: Path, skipped_file: Path, model_sha256: str)
 
 def predict_files(run: LoadedRun, paths: Sequence[str | Path], out: str | Path, *, batch_size: int = 16,
                   resume: bool = False, overwrite: bool = False, heatmaps: str | Path | None = None,
-                  cam_run: LoadedRun | None = None, progress: bool = True, workers: int = 2) -> BatchResult:
+                  cam_run: LoadedRun | None = None, progress: bool = True, workers: int = 2,
+                  allow_non_frontal: bool = False) -> BatchResult:
     """Predict every image in ``paths`` with ``run`` and write one row per image to ``out``.
 
     Columns: ``path``, ``prob_<class>`` per class, ``predicted`` (at the run's stored threshold),
@@ -323,7 +324,8 @@ def predict_files(run: LoadedRun, paths: Sequence[str | Path], out: str | Path, 
             counter["rows"] += len(rows)
 
         if todo:
-            predict_paths(run, todo, batch_size=batch_size, progress=progress, workers=workers, on_batch=on_batch)
+            predict_paths(run, todo, batch_size=batch_size, progress=progress, workers=workers, on_batch=on_batch,
+                          allow_non_frontal=allow_non_frontal)
 
     table = pd.read_csv(journal, dtype={"input_sha256": str, "model_sha256": str})
     if journal != out:
