@@ -23,6 +23,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +167,14 @@ def _extract_archive(archive: Path, into: Path, inputs: Inputs) -> None:
                 _extract_members(archive, members, target, inputs)
         else:
             with tarfile.open(archive) as tf:
-                members = [(m.name, m.size, lambda m=m: tf.extractfile(m)) for m in tf.getmembers() if m.isfile()]
+                members = []
+                for m in tf.getmembers():
+                    if m.isfile():
+                        members.append((m.name, m.size, lambda m=m: tf.extractfile(m)))
+                    elif not m.isdir():  # links and devices are never followed; say so instead of dropping them
+                        kind = "link" if (m.issym() or m.islnk()) else "special file"
+                        inputs.missing.append((f"{archive}{ARCHIVE_SEPARATOR}{m.name}",
+                                               f"archive member is a {kind}, not a regular file; not extracted"))
                 _extract_members(archive, members, target, inputs)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         inputs.missing.append((str(archive), f"cannot read archive ({exc.__class__.__name__}: {exc})"))
@@ -182,8 +190,14 @@ def _extract_members(archive: Path, members, target: Path, inputs: Inputs) -> No
             inputs.missing.append((display, f"archive member of {size:,} bytes exceeds the {MAX_MEMBER_BYTES:,} byte limit"))
             continue
         dest = target / f"{i:07d}{Path(member).suffix.lower()}"
-        with open_member() as src, open(dest, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        try:
+            with open_member() as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, RuntimeError, NotImplementedError,
+                OSError) as exc:  # a damaged or encrypted member: skip it, extract the rest
+            dest.unlink(missing_ok=True)
+            inputs.missing.append((display, f"cannot extract archive member ({exc.__class__.__name__}: {exc})"))
+            continue
         inputs.files.append(dest)
         inputs.names[str(dest)] = display
 
