@@ -247,3 +247,31 @@ def test_dataset_skips_unreadable_images_with_their_reason(split_manifest, tmp_p
     x, y, i = ds[(1, 123)]
     assert x.shape == (3, 32, 32) and i == 1 and y == ds.targets[1]
     assert ds.report()["skipped"][0]["row"] in (1, 3)
+
+
+def test_kfold_development_rows_are_not_cut_by_the_single_run_val_cap(split_manifest):
+    """data.val_max_images caps one run's val split; k-fold must still use every train + val row."""
+    from covidcxr.training.cv import assign_folds
+
+    cfg = load_config(None, ["data.val_max_images=100"])
+    manifest, dev, _ = assign_folds(cfg, split_manifest, 3)
+    split = manifest.table["split"].to_numpy()
+    assert dev.sum() == (split == "train").sum() + (split == "val").sum()
+    assert not dev[split == "test"].any()
+    fold = manifest.table["fold"].to_numpy()
+    assert set(fold[dev]) == {0, 1, 2} and (fold[~dev] == -1).all()
+
+
+def test_auc_selection_without_positive_validation_rows_fails_before_training(split_manifest, tmp_path):
+    """Validation with no covid image: AUC could never select a checkpoint, so say so up front."""
+    from covidcxr.training.loop import fit
+
+    t = split_manifest.table
+    keep = (t["split"] == "train") | ((t["split"] == "val") & (t["label"] != "covid"))
+    manifest = split_manifest.subset(mask=keep.to_numpy())
+    cfg = load_config(None, ["train.selection_metric=auc", "train.epochs=1", "train.progress=false",
+                             "model.weights=none", "model.name=resnet18", "preprocess.image_size=64",
+                             "data.validate_images=exists"])
+    with pytest.raises(ConfigError, match=r"auc needs every class.*hold no covid"):
+        fit(cfg, tmp_path / "run", manifest=manifest)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -34,7 +34,11 @@ from covidcxr.training.loop import (CHECKPOINT_DIR, LAST_CKPT, TrainingData, cho
 
 def assign_folds(config: TrainingConfig, manifest: Manifest, folds: int) -> tuple[Manifest, np.ndarray, dict]:
     """``(manifest with a fold column, development mask, info)`` for ``folds`` folds."""
-    base = prepare_training_data(config, manifest)  # validates / creates the split, applies held-out sources
+    # Validates / creates the split and applies held-out sources. data.val_max_images caps a single
+    # run's val split; here val rows are development data, so uncapped (else capped-off rows are lost).
+    uncapped = config.model_copy(deep=True)
+    uncapped.data.val_max_images = None
+    base = prepare_training_data(uncapped, manifest)
     manifest = base.manifest
     dev = base.train_mask | base.val_mask
     col = config.ensemble.fold_column

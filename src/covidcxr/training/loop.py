@@ -558,6 +558,19 @@ def _json_line(record: dict) -> str:
 
 def _check_selection_possible(config: TrainingConfig, val_ds: CXRDataset, positive: str | None) -> None:
     """Fail before training when the selection metric cannot be computed on this validation set."""
+    if config.train.selection_metric == "auc":
+        # AUC is NaN on every epoch when validation lacks a class: no checkpoint could ever be
+        # selected, and the run would only fail after its last epoch.
+        if positive is not None:
+            present = set(np.unique(val_ds.targets == val_ds.classes.index(positive)))
+            missing = [n for v, n in ((True, positive), (False, f"non-{positive}")) if v not in present]
+        else:
+            missing = [c for i, c in enumerate(val_ds.classes) if i not in set(np.unique(val_ds.targets))]
+        if missing:
+            raise ConfigError(f"config key train.selection_metric: auc needs every class in the validation rows, "
+                              f"but {len(val_ds)} validation images hold no {', '.join(missing)}; "
+                              "use val_loss, or another split")
+        return
     if config.train.selection_metric != "within_source_auc":
         return
     if positive is None:
