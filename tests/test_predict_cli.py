@@ -171,3 +171,15 @@ def test_ct_dicom_skipped_with_reason_unless_allowed(run_dir, data_root, tmp_pat
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(allowed)
     assert rows["path"].tolist() == [str(ct)] and np.isclose(rows.filter(like="prob_").sum(axis=1), 1).all()
+
+
+def test_heatmaps_of_allowed_non_frontal_dicom(run_dir, data_root, tmp_path):
+    # --allow-non-frontal must reach the heatmap writer too, which reads each image again
+    ct = tmp_path / "scan.dcm"
+    ct.write_bytes(ct_dicom(data_root))
+    out = tmp_path / "p.csv"
+    result = _invoke("predict", run_dir, ct, "--out", out, "--allow-non-frontal", "--heatmaps", tmp_path / "heat")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert table["path"].tolist() == [str(ct)]
+    assert Path(table["heatmap"][0]).is_file() and Path(table["heatmap"][0]).stat().st_size > 10_000

@@ -322,7 +322,8 @@ def predict_files(run: LoadedRun, paths: Sequence[str | Path], out: str | Path, 
         if heat_dir is not None:
             from covidcxr.serving.heatmap import HeatmapWriter
 
-            heat_writer = HeatmapWriter(cam_run if cam_run is not None else run, heat_dir)
+            heat_writer = HeatmapWriter(cam_run if cam_run is not None else run, heat_dir,
+                                        allow_non_frontal=allow_non_frontal)
 
         def on_batch(rows: pd.DataFrame, bad: list[tuple[str, str]]) -> None:
             rows = rows.copy()

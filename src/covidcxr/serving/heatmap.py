@@ -62,8 +62,9 @@ class CamRenderer:
 class HeatmapWriter:
     """Writes one overlay PNG per image (``<stem>_<sha8>_gradcam.png``) for ``covidcxr predict --heatmaps``."""
 
-    def __init__(self, run: LoadedRun, out_dir: str | Path):
+    def __init__(self, run: LoadedRun, out_dir: str | Path, *, allow_non_frontal: bool = False):
         self.renderer = CamRenderer(run)
+        self.allow_non_frontal = allow_non_frontal  # must match the prediction's reader, which read these files
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -73,7 +74,7 @@ class HeatmapWriter:
         from covidcxr.explain.cam import to_original_geometry
         from covidcxr.explain.overlay import save_overlay
 
-        images = [read_xray(p).pixels for p in paths]
+        images = [read_xray(p, allow_non_frontal=self.allow_non_frontal).pixels for p in paths]
         cams = self.renderer.cams(torch.stack([preprocess(px, self.renderer.run.spec) for px in images]))
         written = []
         for pixels, cam, name, digest in zip(images, cams, names, sha256s):
