@@ -275,3 +275,18 @@ def test_auc_selection_without_positive_validation_rows_fails_before_training(sp
     with pytest.raises(ConfigError, match=r"auc needs every class.*hold no covid"):
         fit(cfg, tmp_path / "run", manifest=manifest)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_rows_without_a_split_are_refused_not_silently_skipped(split_manifest, shared_manifest):
+    """A new source concatenated to a split manifest leaves its rows unassigned: training must say so."""
+    from covidcxr.data.manifest import Manifest
+    from covidcxr.training.loop import prepare_training_data
+
+    t = split_manifest.table
+    old = split_manifest.subset(mask=(t["source"] != FIG1).to_numpy())
+    new = shared_manifest.subset(mask=(shared_manifest.table["source"] == FIG1).to_numpy())
+    merged = Manifest.concat([old, new], root=split_manifest.root)
+    n_new = int((merged.table["split"] == "").sum())
+    assert n_new == len(new) > 0
+    with pytest.raises(ConfigError, match=rf"{n_new} of {len(merged)} rows have no 'split' value.*covidcxr data split"):
+        prepare_training_data(load_config(None, []), merged)

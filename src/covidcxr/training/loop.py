@@ -103,6 +103,14 @@ def prepare_training_data(config: TrainingConfig, manifest: Manifest | None = No
         split = manifest.table["split"].astype(str)
     else:
         info["split_created_here"] = False
+        unassigned = (split == "") | (split == "nan")
+        if unassigned.any():
+            # e.g. a newly imported source concatenated to a split manifest: training would silently skip it.
+            first = manifest.table["image"].iloc[int(np.flatnonzero(unassigned.to_numpy())[0])]
+            raise ConfigError(
+                f"{manifest.name}: {int(unassigned.sum())} of {len(split)} rows have no {d.split_column!r} value "
+                f"(e.g. {first}); they would be left out of training unnoticed. Assign them (`covidcxr data split` "
+                "re-splits every row, or fill the column by patient), or drop them from the manifest")
     held_out = np.zeros(len(manifest), dtype=bool)
     if d.holdout_sources:
         from covidcxr.data.splits import source_mask
