@@ -150,6 +150,10 @@ def test_token_is_enforced(service, data_root):
     assert client.get("/healthz").status_code == 200  # liveness needs no token
 
 
+def dump_of(rows) -> str:
+    return json.dumps(rows, default=str)
+
+
 def test_audit_log_has_every_request_and_no_patient_data(service, data_root):
     from covidcxr.serving.audit_log import AuditLog
 
@@ -162,8 +166,8 @@ def test_audit_log_has_every_request_and_no_patient_data(service, data_root):
     ok = _post(client, "study.dcm", dicom, heatmap="false")
     assert ok.status_code == 200, ok.text
     assert not any(v in ok.text for v in identifiers)
-    bad = _post(client, "bad.png", b"not an image")
-    assert bad.status_code == 422
+    bad = _post(client, "DOE^JANE_MRN4711.png", b"not an image")  # file names often carry patient ids
+    assert bad.status_code == 422 and "DOE^JANE_MRN4711.png" in bad.json()["detail"]  # the user is told which file
     assert _post(client, "study.dcm", dicom, headers={}).status_code == 401
     assert _post(client, "big.png", b"\0" * (MAX_UPLOAD + 1)).status_code == 413
     rows = audit.rows()
@@ -175,6 +179,7 @@ def test_audit_log_has_every_request_and_no_patient_data(service, data_root):
     assert json.loads(last_ok["probabilities_json"]) == ok.json()["probabilities"]
     assert last_ok["model_sha256"] == ok.json()["model"]["sha256"] and last_ok["latency_ms"] > 0
     assert last_bad["status_code"] == 422 and "text file" in last_bad["error"]
+    assert "DOE^JANE" not in last_bad["error"] and "MRN4711" not in dump_of(rows)
     assert no_token["status_code"] == 401 and no_token["input_sha256"] is None
     assert too_big["status_code"] == 413 and "too large" in too_big["error"]
     dump = json.dumps(rows, default=str)

@@ -107,9 +107,12 @@ class PredictResponse(BaseModel):
 class HTTPError(Exception):
     """A request that fails with ``status`` and a message for the user."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, audit_message: str | None = None):
         super().__init__(message)
         self.status, self.message = status, message
+        # what the audit log keeps: the reason without the upload's file name, which hospitals often
+        # make of patient names or ids
+        self.audit_message = audit_message if audit_message is not None else message
 
 
 # ---------------------------------------------------------------------------- the model side
@@ -153,9 +156,10 @@ class PredictionService:
             xray = decode_xray(data, name, allow_non_frontal=self.settings.allow_non_frontal,
                                max_pixels=self.settings.max_pixels)
         except NotAChestXRayError as exc:
-            raise HTTPError(422, f"{name}: not a frontal chest X-ray: {exc.reason}") from None
+            reason = f"not a frontal chest X-ray: {exc.reason}"
+            raise HTTPError(422, f"{name}: {reason}", audit_message=reason) from None
         except ImageReadError as exc:
-            raise HTTPError(422, f"{name}: {exc.reason}") from None
+            raise HTTPError(422, f"{name}: {exc.reason}", audit_message=exc.reason) from None
         batch = preprocess(xray.pixels, self.run.spec).unsqueeze(0)
         with self._model_lock or nullcontext():
             probs = self.run.predict_tensor(batch)
@@ -312,7 +316,7 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
                 loop.run_in_executor(service.executor, service.predict_bytes, data, file.filename, request_id, heatmap),
                 timeout=settings.timeout_s)
         except HTTPError as exc:
-            await run_in_threadpool(audit, request_id, exc.status, started, error=exc.message, **fields)
+            await run_in_threadpool(audit, request_id, exc.status, started, error=exc.audit_message, **fields)
             return JSONResponse({"detail": exc.message, "request_id": request_id}, status_code=exc.status)
         except asyncio.TimeoutError:
             message = f"prediction took longer than {settings.timeout_s:g} s and was abandoned; try again later"
