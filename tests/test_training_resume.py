@@ -141,3 +141,11 @@ def test_kfold_ensemble_loads_and_predicts_like_one_model(tiny, tmp_path):
     probs = run.predict_arrays(images)
     assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (out / "MODEL_CARD.md").read_text().count("Research use only") == 1
+    # Resuming the ensemble with another config would skip the finished members and mix two trainings.
+    import shutil
+
+    shutil.rmtree(out / "members" / "fold_1")  # as if killed before the last member started
+    with pytest.raises(CovidCXRError, match=r"config\.yaml: the ensemble was started with another configuration"):
+        run_training(None, out, overrides=TINY + [f"data.manifest={path}", "train.epochs=2", "ensemble.tta=[hflip]"],
+                     folds=2, resume=True)
+    assert json.loads((out / "members" / "fold_0" / "run.json").read_text())["info"]["epochs_planned"] == 1

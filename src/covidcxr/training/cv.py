@@ -71,8 +71,13 @@ def train_kfold(config: TrainingConfig, out_dir: str | Path, *, folds: int | Non
         raise CovidCXRError(f"{out_dir}: already holds a finished run; choose another --out")
     if not resume and any((out_dir / "members").glob(f"fold_*/{CHECKPOINT_DIR}/{LAST_CKPT}")):
         raise CovidCXRError(f"{out_dir}: holds a partly trained ensemble; pass --resume to continue it")
+    config_text = dump_config(config)
+    # Finished members are skipped on resume, so a changed config would silently mix two trainings.
+    if resume and (out_dir / "config.yaml").is_file() and (out_dir / "config.yaml").read_text() != config_text:
+        raise CovidCXRError(f"{out_dir / 'config.yaml'}: the ensemble was started with another configuration; "
+                            "resume with the same config and overrides")
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "config.yaml", dump_config(config).encode())
+    atomic_write_bytes(out_dir / "config.yaml", config_text.encode())
     manifest, dev, fold_info = assign_folds(config, manifest, folds)
     col = config.ensemble.fold_column
     fold = manifest.table[col].to_numpy()
