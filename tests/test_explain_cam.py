@@ -197,3 +197,25 @@ def test_dicom_input_and_sanity_cli(runs, data_root, tmp_path):
     assert res.exit_code == 0, res.output
     methods = json.loads((tmp_path / "s" / "sanity.json").read_text())["methods"]
     assert set(methods) == {"gradcam", "eigencam"} and "mean |rho|" in res.output
+
+
+def test_flip_tta_run_map_is_the_mean_of_image_and_mirrored_back_mirror(runs, inputs, tmp_path):
+    # k-fold ensembles record tta: [hflip]; Grad-CAM must explain the wrapped network on both views
+    import shutil
+
+    from covidcxr.models.run import update_run_record
+
+    tta_dir = shutil.copytree(runs / "res", tmp_path / "res_tta")
+    update_run_record(tta_dir, tta=["hflip"])
+    tta = load_run(tta_dir)
+    members = cam_models(tta)
+    assert [(m.weight, m.hflip) for m in members] == [(0.5, False), (0.5, True)]
+    assert members[0].model.get_submodule(members[0].layer) is get_architecture("resnet18").cam_layer(members[0].model)
+    plain = load_run(runs / "res")
+    a = compute_cams(plain, inputs)
+    b = compute_cams(plain, torch.flip(inputs, dims=[3]))[..., ::-1]
+    mean = (a + b) / 2
+    lo, hi = mean.min(axis=(1, 2), keepdims=True), mean.max(axis=(1, 2), keepdims=True)
+    got = compute_cams(tta, inputs)
+    np.testing.assert_allclose(got, (mean - lo) / (hi - lo), atol=1e-5)
+    assert not np.allclose(got, a, atol=1e-3)  # the mirrored view really contributes

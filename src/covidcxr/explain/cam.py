@@ -25,7 +25,7 @@ from torch import nn
 from covidcxr.data.preprocess import PreprocessSpec, letterbox_box
 from covidcxr.errors import ConfigError
 from covidcxr.models.registry import get_architecture
-from covidcxr.models.run import EnsembleModel, LoadedRun, read_run_record
+from covidcxr.models.run import EnsembleModel, FlipTTAModel, LoadedRun, read_run_record
 
 
 def _cam_classes() -> dict[str, type]:
@@ -70,6 +70,7 @@ class CamModel:
     architecture: str
     layer: str
     weight: float = 1.0  # share in the ensemble average
+    hflip: bool = False  # explain the mirrored input (flip-TTA runs), map mirrored back
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -107,6 +108,11 @@ def _flatten(model: nn.Module, record: dict, run_dir: Path, layer: str | None, w
             out += _flatten(member, read_run_record(member_dir), member_dir, layer, weight / len(paths))
         return out
     arch = record["architecture"]
+    if isinstance(model, FlipTTAModel):
+        # The run averages the image and its mirror: explain the network on both, the mirror's map flipped back.
+        net = model.model
+        name = resolve_layer(net, arch, layer)
+        return [CamModel(model=net, architecture=arch, layer=name, weight=weight / 2, hflip=flip) for flip in (False, True)]
     return [CamModel(model=model, architecture=arch, layer=resolve_layer(model, arch, layer), weight=weight)]
 
 
@@ -151,8 +157,12 @@ def compute_cams(run: LoadedRun, inputs: torch.Tensor, *, method: str = "gradcam
                     targets = [ClassifierOutputTarget(k) for k in class_indices[i : i + batch_size]]
                     batch = inputs[i : i + batch_size].to(next(cm.model.parameters()).device)
                     # An input that requires grad keeps the graph even for a model with frozen weights.
-                    batch = batch.detach().clone().requires_grad_(cam.uses_gradients)
-                    total[i : i + batch_size] += cm.weight * cam(input_tensor=batch, targets=targets)
+                    batch = batch.detach().clone()
+                    if cm.hflip:
+                        batch = torch.flip(batch, dims=[3])
+                    batch.requires_grad_(cam.uses_gradients)
+                    maps = cam(input_tensor=batch, targets=targets)
+                    total[i : i + batch_size] += cm.weight * (maps[..., ::-1] if cm.hflip else maps)
         finally:
             cam.activations_and_grads.release()
             cm.model.zero_grad(set_to_none=True)

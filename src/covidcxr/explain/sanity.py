@@ -39,7 +39,7 @@ def randomized_full(cm: CamModel, num_classes: int, channels: int, seed: int) ->
     """The same architecture with freshly initialised weights."""
     torch.manual_seed(seed)
     model = create_model(cm.architecture, num_classes, channels=channels).eval()
-    return CamModel(model=model, architecture=cm.architecture, layer=cm.layer, weight=cm.weight)
+    return CamModel(model=model, architecture=cm.architecture, layer=cm.layer, weight=cm.weight, hflip=cm.hflip)
 
 
 def _stage_groups(architecture: str, model: nn.Module) -> list[list[str]]:
@@ -75,7 +75,7 @@ def randomized_cascade(cm: CamModel, steps: int, seed: int) -> CamModel:
     _reset_owners(model, {n for n, _ in model.named_parameters() if n.startswith(head_prefixes)})
     for group in list(reversed(_stage_groups(cm.architecture, model)))[: max(steps - 1, 0)]:
         _reset_owners(model, set(group))
-    return CamModel(model=model, architecture=cm.architecture, layer=cm.layer, weight=cm.weight)
+    return CamModel(model=model, architecture=cm.architecture, layer=cm.layer, weight=cm.weight, hflip=cm.hflip)
 
 
 def rank_correlations(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
