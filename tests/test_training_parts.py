@@ -290,3 +290,25 @@ def test_rows_without_a_split_are_refused_not_silently_skipped(split_manifest, s
     assert n_new == len(new) > 0
     with pytest.raises(ConfigError, match=rf"{n_new} of {len(merged)} rows have no 'split' value.*covidcxr data split"):
         prepare_training_data(load_config(None, []), merged)
+
+
+def test_dropping_one_class_sources_with_none_left_is_a_config_error(train_rows):
+    labels, sources = train_rows
+    one_class = [i for i, s in enumerate(sources) if s not in (IEEE, FIG1)]  # the three one-class sources
+    with pytest.raises(ConfigError, match=r"train\.single_class_source_weight.*no training source holds two classes"):
+        make_batch_sampler("source_balanced", [labels[i] for i in one_class], [sources[i] for i in one_class], 16,
+                           160, seed=0, single_class_source_weight=0)
+
+
+def test_training_rows_missing_a_class_fail_before_training(split_manifest, tmp_path):
+    """A single-source manifest without COVID images (normal / pneumonia only) under the binary label space."""
+    from covidcxr.training.loop import fit
+
+    t = split_manifest.table
+    manifest = split_manifest.subset(mask=(t["source"] == "muhammedtalo/COVID-19").to_numpy())
+    cfg = load_config(None, ["train.selection_metric=val_loss", "train.epochs=1", "train.progress=false",
+                             "model.weights=none", "model.name=resnet18", "preprocess.image_size=64",
+                             "data.validate_images=exists"])
+    with pytest.raises(ConfigError, match=r"training images hold no covid.*could never learn"):
+        fit(cfg, tmp_path / "run", manifest=manifest)
+    assert not (tmp_path / "run" / "checkpoints").exists()

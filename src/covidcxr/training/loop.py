@@ -456,6 +456,11 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
     if len(train_ds) < 2 or len(val_ds) < 2:
         raise ConfigError(f"too few usable images: {len(train_ds)} train, {len(val_ds)} val")
     positive = space.positive
+    missing = [c for i, c in enumerate(space.classes) if not (train_ds.targets == i).any()]
+    if missing:
+        raise ConfigError(f"{data.manifest.name}: the {len(train_ds)} training images hold no {', '.join(missing)} "
+                          f"(label space {space.name!r}, classes {list(space.classes)}); the model could never learn "
+                          "that class. Add data with it, or use a label space without it")
     _check_selection_possible(config, val_ds, positive)
 
     model.to(device)

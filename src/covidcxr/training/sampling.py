@@ -51,8 +51,11 @@ def source_balanced_cell_weights(labels: Sequence, sources: Sequence,
             weights[(source, c)] = w_source / len(classes)
     total = sum(weights.values())
     if total <= 0:
-        raise ValueError("source-balanced sampling: no source left with a positive weight "
-                         "(single_class_source_weight=0 and no source holds two classes)")
+        from covidcxr.errors import ConfigError
+
+        raise ConfigError("config key train.single_class_source_weight: source-balanced sampling has no source left "
+                          "with a positive weight (it is 0 and no training source holds two classes); "
+                          "set it above 0 or use another train.sampler")
     return {k: v / total for k, v in weights.items()}
 
 
