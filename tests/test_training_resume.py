@@ -149,3 +149,17 @@ def test_kfold_ensemble_loads_and_predicts_like_one_model(tiny, tmp_path):
         run_training(None, out, overrides=TINY + [f"data.manifest={path}", "train.epochs=2", "ensemble.tta=[hflip]"],
                      folds=2, resume=True)
     assert json.loads((out / "members" / "fold_0" / "run.json").read_text())["info"]["epochs_planned"] == 1
+
+
+def test_data_counts_follow_the_configured_split_column(tiny, tmp_path):
+    """data.split_column=my_split: the recorded counts are per that column, not the (empty) 'split' one."""
+    manifest, _ = tiny
+    table = manifest.table.copy()
+    table["my_split"] = table["split"]
+    table["split"] = ""
+    path = manifest.replace(table).write(tmp_path / "manifest.csv")
+    out = fit(load_config(None, TINY + [f"data.manifest={path}", "data.split_column=my_split", "train.epochs=1"]),
+              tmp_path / "run")
+    counts = pd.read_csv(out / "data_counts.csv", keep_default_na=False)
+    assert set(counts["split"]) == {"train", "val"}
+    assert counts.loc[counts["split"] == "val", "images"].sum() == (table["my_split"] == "val").sum()

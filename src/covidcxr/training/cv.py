@@ -107,7 +107,9 @@ def _write_ensemble(config: TrainingConfig, out_dir: Path, members: list[Path], 
         y = (targets == space.classes.index(space.positive)).astype(int)
         threshold, threshold_info = choose_threshold(config, y, probs[:, space.classes.index(space.positive)])
         threshold_info["chosen_on"] = "out-of-fold validation predictions"
-    counts = data_counts(manifest, space)
+    col = config.data.split_column  # the rows came from it, unless it was empty and the split made here ("split")
+    counts = data_counts(manifest, space, col if col in manifest.table.columns
+                         and manifest.table[col].astype(str).ne("").any() else "split")
     atomic_write_bytes(out_dir / "data_counts.csv", counts.to_csv(index=False, lineterminator="\n").encode())
     member_info = [json.loads((m / RUN_JSON).read_text())["info"] for m in members]
     info = {

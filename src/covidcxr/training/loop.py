@@ -653,7 +653,10 @@ def finalize_run(config: TrainingConfig, out_dir: Path, model: nn.Module, spec: 
     y = (val_ds.targets == space.classes.index(space.positive)).astype(int) if score is not None else None
     threshold, threshold_info = choose_threshold(config, y, score)
     best_record = next(h for h in history if h["epoch"] == best_epoch)
-    counts = data_counts(data.manifest, space, "split" if "split" in data.manifest.table.columns else config.data.split_column)
+    # The column the rows were taken from: data.split_column, unless the split was made here (into "split").
+    split_column = "split" if data.split_info.get("split_created_here") or config.data.split_column not in \
+        data.manifest.table.columns else config.data.split_column
+    counts = data_counts(data.manifest, space, split_column)
     atomic_write_bytes(out_dir / "data_counts.csv", counts.to_csv(index=False, lineterminator="\n").encode())
     labels = {"label_space": space.to_dict(), "class_index": {c: i for i, c in enumerate(space.classes)},
               "manifest_label_to_class": _label_map(space)}
