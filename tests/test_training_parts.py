@@ -312,3 +312,18 @@ def test_training_rows_missing_a_class_fail_before_training(split_manifest, tmp_
     with pytest.raises(ConfigError, match=r"training images hold no covid.*could never learn"):
         fit(cfg, tmp_path / "run", manifest=manifest)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_holdout_source_patients_are_held_out_in_every_source(split_manifest):
+    """A pre-split manifest where one Figure1 patient also has an IEEE training image (one person, two
+    sources): holding out Figure1 must keep that patient's IEEE image out of training too."""
+    from covidcxr.training.loop import prepare_training_data
+
+    table = split_manifest.table.copy()
+    fig1_patient = table.loc[table["source"] == FIG1, "patient_id"].iloc[0]
+    ieee_train = table.index[(table["source"] == IEEE) & (table["split"] == "train")][0]
+    table.loc[ieee_train, "patient_id"] = fig1_patient
+    data = prepare_training_data(load_config(None, [f"data.holdout_sources=['{FIG1}']"]), split_manifest.replace(table))
+    used = data.train_mask | data.val_mask
+    assert not used[ieee_train] and fig1_patient not in set(table.loc[used, "patient_id"])
+    assert used.sum() == ((table["split"].isin(["train", "val"])) & (table["source"] != FIG1)).sum() - 1

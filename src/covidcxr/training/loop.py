@@ -116,6 +116,8 @@ def prepare_training_data(config: TrainingConfig, manifest: Manifest | None = No
         from covidcxr.data.splits import source_mask
 
         held_out = source_mask(manifest.table, d.holdout_sources)
+        # A patient with images in a held-out source is held out everywhere (as assign_splits does).
+        held_out |= manifest.table["patient_id"].isin(set(manifest.table.loc[held_out, "patient_id"])).to_numpy()
         info["holdout_sources"] = list(d.holdout_sources)
     train_mask = (split == "train").to_numpy() & ~held_out
     val_mask = (split == "val").to_numpy() & ~held_out
