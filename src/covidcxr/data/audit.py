@@ -45,6 +45,7 @@ import pandas as pd
 
 from covidcxr.data.manifest import Manifest
 from covidcxr.errors import CovidCXRError, ImageReadError
+from covidcxr.plotting import pyplot, save_figure
 
 HASH_SIZE = 16  # 16 x 16 = 256-bit pHash, as the shared data README uses
 HASH_VERSION = "phash16-v1"  # bump when the decoding / hashing below changes
@@ -114,10 +115,7 @@ class AuditReport:
         """One PNG: label mix of every source per split (stacked bars; a one-colour bar is a source
         that alone predicts the label) and, if ``table`` (the manifest table) is given, known ages by
         label. Returns ``path``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         sxl = self.tables["source_x_label"].drop(columns="total")
         labels = list(sxl.columns)
@@ -145,12 +143,7 @@ class AuditReport:
                           [f"{lab}\n{len(a)}/{int((table['label'] == lab).sum())} known" for lab, a in groups], fontsize=7)
             ax.set_ylabel("age (years)")
             ax.set_title("known ages by label")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=110)
 
     def render(self, console=None, max_pairs: int = 20) -> None:
         """Print the report as rich tables."""

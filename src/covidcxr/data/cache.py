@@ -26,7 +26,6 @@ rest + uint32 length of a JSON header + the JSON header (key, settings, shape, d
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import struct

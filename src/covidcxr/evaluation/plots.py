@@ -9,25 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from sklearn import metrics as skm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
+from covidcxr.evaluation.metrics import bootstrap_samples, check_binary
+from covidcxr.plotting import pyplot, save_figure
 
-from covidcxr.evaluation.metrics import bootstrap_samples, check_binary  # noqa: E402
+plt = pyplot()
 
 DPI = 110
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
 
 
 def roc_band(y_true, scores, *, n_boot: int = 500, seed: int = 0, level: float = 0.95, clusters=None):
@@ -63,7 +53,7 @@ def plot_roc(path, y_true, scores, *, threshold: float | None = None, auc_text: 
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)
 
 
 def plot_pr(path, y_true, scores, *, threshold: float | None = None, title: str = "Precision-recall") -> Path:
@@ -79,7 +69,7 @@ def plot_pr(path, y_true, scores, *, threshold: float | None = None, title: str 
         ax.plot([tp / max(1, y.sum())], [tp / max(1, pred.sum())], "o", color="tab:red", ms=8, label="operating point")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)
 
 
 def plot_confusion(path, matrix, labels: Sequence[str], *, title: str = "Confusion matrix") -> Path:
@@ -93,7 +83,7 @@ def plot_confusion(path, matrix, labels: Sequence[str], *, title: str = "Confusi
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)
 
 
 def plot_score_histograms(path, scores, labels: Sequence[str], *, threshold: float | None = None,
@@ -108,7 +98,7 @@ def plot_score_histograms(path, scores, labels: Sequence[str], *, threshold: flo
         ax.axvline(threshold, color="tab:red", ls="--", label=f"threshold {threshold:.3g}")
     ax.set(xlabel="positive-class probability", ylabel="density", title=title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)
 
 
 def plot_reliability(path, curve: dict, *, ece: float | None = None, title: str = "Reliability diagram",
@@ -129,7 +119,7 @@ def plot_reliability(path, curve: dict, *, ece: float | None = None, title: str 
     ax2.set_ylabel("images per bin")
     ax.set(xlabel="mean predicted probability", ylabel="observed frequency", title=title, xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)
 
 
 def plot_roc_by_group(path, y_true, scores, groups, *, title: str = "ROC per source") -> Path:
@@ -150,7 +140,7 @@ def plot_roc_by_group(path, y_true, scores, groups, *, title: str = "ROC per sou
     ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=title, xlim=(0, 1), ylim=(0, 1.01))
     if drawn:
         ax.legend(loc="lower right", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)
 
 
 def plot_training_curves(path, epochs: list[dict]) -> Path | None:
@@ -172,4 +162,4 @@ def plot_training_curves(path, epochs: list[dict]) -> Path | None:
             ax.plot(x, [e[k] for e in epochs], marker="o", ms=3, label=k)
         ax.set(xlabel="epoch")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI)

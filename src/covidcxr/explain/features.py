@@ -15,6 +15,7 @@ import torch
 from covidcxr.data.preprocess import preprocess
 from covidcxr.errors import ConfigError, CovidCXRError
 from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.plotting import pyplot, save_figure
 
 
 def activations(model: torch.nn.Module, inputs: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -69,10 +70,7 @@ def feature_maps(run_dir: str | Path, image: str | Path, layers: Sequence[str], 
 
 def _draw(pixels, chosen: dict, path: Path, size: int) -> None:
     import cv2
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = 1 + max(len(order) for _, order in chosen.values())
     rows = len(chosen)
@@ -86,7 +84,4 @@ def _draw(pixels, chosen: dict, path: Path, size: int) -> None:
         for c, ch in enumerate(order, start=1):
             axes[r, c].imshow(a[ch], cmap="viridis", interpolation="nearest")
             axes[r, c].set_title(f"ch {ch}", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

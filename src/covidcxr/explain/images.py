@@ -27,6 +27,7 @@ from covidcxr.explain.cam import (cam_models, canonical_method, class_index, com
 from covidcxr.explain.lung_focus import lung_focus, summarise_lung_focus
 from covidcxr.explain.overlay import DEFAULT_ALPHA, DEFAULT_CMAP, SheetItem, save_contact_sheet, save_overlay, thumbnail
 from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.progress import make_progress
 
 SUMMARY_FORMAT = "covidcxr-explain/1"
 CONTACT_SHEET = "contact_sheet.png"
@@ -70,19 +71,6 @@ def read_images(paths_: Sequence[str | Path]):
             yield Path(p), None, exc.reason
 
 
-def progress_bar():
-    """Rich progress: steps done / total, throughput and ETA (shared by all explain commands)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    class Rate(TextColumn):
-        def render(self, task):
-            speed = task.finished_speed or task.speed
-            return super().render(task) if speed is None else TextColumn(f"{speed:.2f} img/s").render(task)
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(""),
-                    TimeRemainingColumn(), transient=True)
-
-
 def explain_images(run_dir: str | Path, images: Sequence[str | Path], *, method: str = "gradcam",
                    out: str | Path | None = None, target_class: str | None = None, layer: str | None = None,
                    batch_size: int = 8, annotations: str | Path | Annotations | None = None, road: bool = False,
@@ -100,7 +88,7 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path], *, method:
     fixed_class = class_index(run, target_class)
     entries, skipped, sheet, focus, used = [], [], [], [], set()
     todo = list(images)
-    with progress_bar() as bar:
+    with make_progress() as bar:
         task = bar.add_task(f"{method} heatmaps", total=len(todo))
         for start in range(0, len(todo), batch_size):
             batch = []

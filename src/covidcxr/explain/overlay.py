@@ -8,17 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from covidcxr.plotting import pyplot, save_figure
+
 DEFAULT_CMAP = "jet"
 DEFAULT_ALPHA = 0.4
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def draw_overlay(ax, pixels: np.ndarray, cam: np.ndarray, *, cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA,
@@ -40,23 +33,14 @@ def save_overlay(path: str | Path, pixels: np.ndarray, cam: np.ndarray, *, title
                  cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA, lung: np.ndarray | None = None,
                  dpi: int = 100) -> Path:
     """One overlay PNG with a colour bar (heatmap value 0 = ignored ... 1 = most important)."""
-    plt = _plt()
+    plt = pyplot()
     h, w = pixels.shape
     width = 5.0
     fig, ax = plt.subplots(figsize=(width + 1.0, width * h / w + 0.6), dpi=dpi)
     artist = draw_overlay(ax, pixels, cam, cmap=cmap, alpha=alpha, lung=lung, title=title)
     bar = fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02)
     bar.set_label("relevance (scaled per image)", fontsize=8)
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @dataclass
@@ -80,7 +64,7 @@ def thumbnail(a: np.ndarray, size: int) -> np.ndarray:
 def save_contact_sheet(path: str | Path, items: list[SheetItem], *, columns: int = 5, thumb: int = 192,
                        cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA, title: str | None = None) -> Path:
     """A grid of small overlays with captions, for skimming many images at once."""
-    plt = _plt()
+    plt = pyplot()
     n = max(len(items), 1)
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
@@ -95,4 +79,4 @@ def save_contact_sheet(path: str | Path, items: list[SheetItem], *, columns: int
         ax.set_title(item.caption, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)

@@ -18,6 +18,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.explain.cam import cam_models, canonical_method, class_index, compute_cams, to_original_geometry
 from covidcxr.explain.overlay import DEFAULT_ALPHA, DEFAULT_CMAP, draw_overlay, thumbnail
 from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.plotting import pyplot, save_figure
 
 
 def serial_patients(manifest, min_studies: int = 3) -> pd.DataFrame:
@@ -91,10 +92,7 @@ def plot_progression(run_dir: str | Path, manifest, patient_id: str, *, method: 
 
 
 def _draw(entries, path: Path, patient_id, method, target_name, cmap, alpha, threshold=None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(entries)
     fig = plt.figure(figsize=(max(2.0 * n, 6), 4.6), dpi=90)
@@ -116,8 +114,4 @@ def _draw(entries, path: Path, patient_id, method, target_name, cmap, alpha, thr
     ax.set_ylabel(f"p({target_name})" if target_name else "p(predicted)")
     ax.grid(alpha=0.3)
     fig.suptitle(f"Patient {patient_id}: {method} over serial X-rays", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -30,6 +30,7 @@ from covidcxr.errors import CovidCXRError, ConfigError
 from covidcxr.explain.cam import CamModel, cam_models, canonical_method, class_index, compute_cams
 from covidcxr.models.registry import create_model, get_architecture
 from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.plotting import pyplot, save_figure
 
 DEFAULT_FLAG_RHO = 0.5
 MODES = ("full", "cascading")
@@ -144,10 +145,7 @@ def sanity_check(run_dir: str | Path, images: Sequence[str | Path], *, methods: 
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for method, entry in result["methods"].items():
@@ -162,7 +160,4 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_title(f"Model-randomisation sanity check ({result['mode']})", fontsize=10)
     ax.legend(fontsize=7)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

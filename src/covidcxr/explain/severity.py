@@ -30,6 +30,8 @@ from covidcxr.explain.annotations import Annotations
 from covidcxr.explain.cam import cam_models, canonical_method, class_index, compute_cams, to_original_geometry
 from covidcxr.explain.lung_focus import lung_cam_area
 from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.plotting import pyplot, save_figure
+from covidcxr.progress import make_progress
 
 SCORES = ("geographic_extent_mean", "opacity_mean")
 PREDICTORS = ("probability", "cam_lung_area")
@@ -66,7 +68,7 @@ def severity_study(run_dir: str | Path, *, data_root: str | Path | None = None, 
                    n_boot: int = 2000, batch_size: int = 8, limit: int | None = None, out: str | Path | None = None,
                    run: LoadedRun | None = None) -> dict:
     """Correlate predicted probability and heatmap lung area with expert severity; writes JSON + scatter plot."""
-    from covidcxr.explain.images import progress_bar, read_images
+    from covidcxr.explain.images import read_images
 
     root = Path(data_root) if data_root is not None else paths.data_root()
     ann = Annotations(root / "annotations")
@@ -80,7 +82,7 @@ def severity_study(run_dir: str | Path, *, data_root: str | Path | None = None, 
     method = canonical_method(method)
     models = cam_models(run, layer)
     rows, skipped = [], []
-    with progress_bar() as bar:
+    with make_progress() as bar:
         task = bar.add_task("severity", total=len(scores))
         for start in range(0, len(scores), batch_size):
             chunk = scores.iloc[start : start + batch_size]
@@ -120,10 +122,7 @@ def severity_study(run_dir: str | Path, *, data_root: str | Path | None = None, 
 
 
 def plot_severity(table: pd.DataFrame, correlations: dict, path: Path, *, target_name: str = "covid") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = {"probability": f"p({target_name})", "cam_lung_area": "lung share with heatmap > threshold",
               "geographic_extent_mean": "geographic extent (0-8)", "opacity_mean": "opacity (0-6)"}
@@ -136,8 +135,4 @@ def plot_severity(table: pd.DataFrame, correlations: dict, path: Path, *, target
             ax.set_ylabel(labels[pred], fontsize=8)
             ax.set_title(f"Spearman {c['rho']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]", fontsize=9)
     fig.suptitle(f"Model outputs vs expert severity (n = {len(table)})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

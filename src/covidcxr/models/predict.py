@@ -35,10 +35,6 @@ class Predictions:
         return self.table[f"prob_{cls}"].to_numpy()
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _load(path: str, allow_non_frontal: bool = False) -> tuple[str, np.ndarray | None, str | None, str | None]:
     """(path, pixels, input sha256, error reason) for one file; never raises for bad input."""
     from covidcxr.data import decode_xray

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,6 +32,16 @@ RUN_JSON = "run.json"
 MODEL_FILE = "model.safetensors"
 
 
+def save_weights(path: str | Path, model: nn.Module) -> None:
+    """Write ``model``'s state dict as safetensors, atomically (temporary file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
 def save_model(run_dir: str | Path, model: nn.Module, *, architecture: str, classes: Sequence[str],
                preprocess_spec: PreprocessSpec, positive_class: str | None = None,
                threshold: float | None = None, info: dict | None = None) -> Path:
@@ -41,14 +50,9 @@ def save_model(run_dir: str | Path, model: nn.Module, *, architecture: str, clas
     ``info`` carries everything else worth keeping with the model (selection metric, training
     manifest hash and counts, threshold method, ...); it is stored under ``run.json["info"]``.
     """
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = run_dir / f".{MODEL_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, run_dir / MODEL_FILE)
+    save_weights(run_dir / MODEL_FILE, model)
     channels = preprocess_spec.channels
     record = {
         "format": "covidcxr-run/1",

@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import math
-import os
 import platform
 import random
 import time
@@ -50,10 +49,11 @@ from covidcxr.data.preprocess import PreprocessSpec
 from covidcxr.errors import ConfigError, CovidCXRError
 from covidcxr.models.finetune import apply_finetune, param_groups
 from covidcxr.models.registry import create_model, default_preprocess
-from covidcxr.models.run import atomic_write_bytes, save_model, write_json
+from covidcxr.models.run import atomic_write_bytes, save_model, save_weights, write_json
 from covidcxr.training.augment import BatchMixer, build_augmentation
 from covidcxr.training.config import TrainingConfig, dump_config
 from covidcxr.training.sampling import epoch_rng, make_batch_sampler, source_balanced_cell_weights
+from covidcxr.plotting import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -325,14 +325,6 @@ def load_checkpoint(path: Path) -> dict:
                             "start again without --resume") from exc
 
 
-def _save_weights(path: Path, model: nn.Module) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- epochs
 
 def _autocast(device: torch.device, enabled: bool):
@@ -513,7 +505,7 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
             if _is_better(value, best, t.selection_metric, t.min_delta):
                 best, best_epoch, bad_epochs = value, epoch + 1, 0
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
-                _save_weights(ckpt_dir / BEST_WEIGHTS, model)
+                save_weights(ckpt_dir / BEST_WEIGHTS, model)
                 _write_val_predictions(out_dir, val_ds, probs)
                 record["selected"] = True
             else:
@@ -725,11 +717,7 @@ def _audit(manifest: Manifest, out_dir: Path) -> dict:
 
 
 def _plot_history(out_dir: Path, history: list[dict], metric: str, best_epoch: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
