@@ -52,7 +52,8 @@ def run_phase(phase: str, files: list[str], working_size: int, cache_root: str) 
     """One measurement in this process; printed as JSON for the parent."""
     import numpy as np
 
-    from covidcxr.data.cache import WorkingSizeCache, to_working_size
+    from covidcxr.data.cache import WorkingSizeCache
+    from covidcxr.data.preprocess import to_working_size
     from covidcxr.data.io import read_xray
     import covidcxr.models.run  # noqa: F401  (torch: loaded in every phase, as in a training process)
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from covidcxr import paths
 from covidcxr.cli import app
 from covidcxr.data import WorkingSizeCache, read_xray
-from covidcxr.data.cache import to_working_size, warm_manifest
+from covidcxr.data.cache import warm_manifest
+from covidcxr.data.preprocess import to_working_size
 from covidcxr.errors import ImageReadError
 
 QUANTUM = 0.5 / 65535 + 1e-7  # the cache stores uint16: a hit may differ from float32 by half a step

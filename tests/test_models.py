@@ -20,7 +20,7 @@ from covidcxr.models.finetune import apply_finetune, param_groups, trainable_par
 from covidcxr.models.registry import (
     convert_stem_to_grayscale,
     create_model,
-    default_preprocess,
+    resolve_spec,
     get_architecture,
     list_models,
 )
@@ -70,13 +70,15 @@ def test_densenet_cam_layer_is_norm5():
     assert get_architecture("densenet121").cam_layer(model) is model.features.norm5
 
 
-def test_default_preprocess_travels_with_the_architecture():
-    lite = default_preprocess("tf_efficientnet_lite0")
+def test_preprocessing_normalisation_travels_with_the_architecture():
+    from covidcxr.data.preprocess import PreprocessSpec
+
+    lite = resolve_spec(None, "tf_efficientnet_lite0")
     assert lite.mean == (0.5, 0.5, 0.5) and lite.std == (0.5, 0.5, 0.5) and lite.image_size == 224
-    resnet = default_preprocess("resnet18", image_size=128, channels=1, intensity="clahe")
+    resnet = resolve_spec(PreprocessSpec(image_size=128, intensity="clahe"), "resnet18", channels=1)
     assert resnet.channels == 1 and resnet.image_size == 128 and resnet.intensity == "clahe"
     assert resnet.mean == pytest.approx((sum((0.485, 0.456, 0.406)) / 3,))
-    assert default_preprocess("tf_efficientnet_lite2").image_size == 260  # the weights' resolution
+    assert resolve_spec(None, "tf_efficientnet_lite2").image_size == 260  # the weights' resolution
 
 
 @pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0"])
@@ -85,8 +87,8 @@ def test_grayscale_stem_equals_rgb_model_on_repeated_real_image(name, data_root)
     row = pd.read_csv(data_root / "manifest.csv").iloc[0]
     pixels = read_xray(data_root / row["image"]).pixels
     # Equal statistics per channel (0.5 / 0.5 for the Lite family) make the two inputs identical.
-    spec3 = default_preprocess("tf_efficientnet_lite0", image_size=96)
-    spec1 = default_preprocess("tf_efficientnet_lite0", image_size=96, channels=1)
+    spec3 = resolve_spec({"image_size": 96}, "tf_efficientnet_lite0")
+    spec1 = resolve_spec({"image_size": 96}, "tf_efficientnet_lite0", channels=1)
     x3, x1 = preprocess(pixels, spec3).unsqueeze(0), preprocess(pixels, spec1).unsqueeze(0)
     assert x3.shape[1] == 3 and x1.shape[1] == 1 and torch.equal(x3, x1.repeat(1, 3, 1, 1))
     torch.manual_seed(0)

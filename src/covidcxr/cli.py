@@ -42,12 +42,16 @@ def data_import(
     source: Optional[str] = typer.Option(None, "--source", help="Source name for the 'source' column (default: folder name)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="dicom: labels CSV (default PATH/labels.csv)."),
     check_images: bool = typer.Option(True, "--check-images/--no-check-images", help="Decode every image (slower, catches bad files)."),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Also import images that resolve (after "
+                                            "symlinks) outside PATH's folder and $COVIDCXR_DATA_ROOT (refused by default)."),
 ) -> None:
     """Turn a downloaded data set into a covidcxr manifest; report every skipped file and why."""
     from covidcxr.data.importers import import_dataset
 
+    # Only options given on the command line go to the importer; one it does not take is an error.
     options = {k: v for k, v in {"source": source, "labels": labels}.items() if v is not None}
-    result = import_dataset(format, path, out=out, label_map=label_map, check_images=check_images, **options)
+    result = import_dataset(format, path, out=out, label_map=label_map, check_images=check_images,
+                            allow_outside_root=allow_outside_root, **options)
     result.render(console)
     console.print(f"wrote {out}")
 
@@ -79,12 +83,14 @@ def data_audit(
     max_distance: int = typer.Option(24, "--max-distance", help="pHash distance (of 256 bits) at or below which images are near-duplicates."),
     duplicates: bool = typer.Option(True, "--duplicates/--no-duplicates", help="Hash images to find near-duplicates."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a PNG: label mix per source and split, ages by label."),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Also read images that resolve outside "
+                                            "the manifest's folder and $COVIDCXR_DATA_ROOT (refused by default)."),
 ) -> None:
     """Check a manifest for patient leakage, near-duplicates and source / demographic shortcuts. Exit 1 on errors."""
     from covidcxr.data.audit import audit_file
 
     report = audit_file(manifest, json_out=json_out, plot_out=plot, strict=strict, max_distance=max_distance,
-                        duplicates=duplicates)
+                        duplicates=duplicates, allow_outside_root=allow_outside_root)
     report.render(console)
     if not report.ok:
         raise typer.Exit(1)
@@ -125,12 +131,12 @@ def train(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_dir = run_training(config, out, overrides=list(overrides or []), resume=resume, folds=folds)
-    from covidcxr.models.run import read_run_record
+    from covidcxr.models.record import read_run_record
 
     record = read_run_record(run_dir)
-    selection = record.get("info", {}).get("selection") or {}
+    selection = record.info.get("selection") or {}
     if selection.get("value") is not None:
-        threshold = record.get("threshold")
+        threshold = record.threshold
         decision = (f"decision threshold {threshold:.4g} (chosen on validation)" if threshold is not None
                     else "decision: most probable class")
         console.print(f"selected epoch {selection.get('epoch')} by validation {selection.get('metric')} = "
@@ -142,7 +148,7 @@ def train(
 @app.command("evaluate")
 def evaluate(
     run_dir: Path = typer.Argument(..., help="Run directory (run.json + model)."),
-    manifest: Path = typer.Option(..., "--manifest", "-m", help="Manifest CSV with a 'split' column."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Manifest CSV with a 'split' column (default: the run's own split.csv)."),
     split: str = typer.Option("test", "--split", help="Split to evaluate (test, external, val: val is flagged as optimistic)."),
     by: Optional[str] = typer.Option(None, "--by", help="Also report metrics per value of this column (e.g. source)."),
     prevalence: Optional[float] = typer.Option(None, "--prevalence", help="Add PPV / NPV at this prevalence (e.g. 0.05)."),
@@ -205,6 +211,7 @@ def explain(
     manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Manifest CSV for --patient."),
     feature_maps: Optional[List[str]] = typer.Option(None, "--feature-maps", help="Layer name(s): grid of activation maps for the first image."),
     sanity: Optional[str] = typer.Option(None, "--sanity", help="Model-randomisation sanity check: 'full' or 'cascading'; --method may list several methods, comma-separated."),
+    allow_non_frontal: bool = typer.Option(False, "--allow-non-frontal", help="Also explain DICOMs that say they are CT / lateral / not the chest."),
 ) -> None:
     """Grad-CAM family heatmaps, lung-focus scores, sanity checks, severity correlation, progression and feature maps."""
     from covidcxr.errors import ConfigError
@@ -235,7 +242,7 @@ def explain(
         from covidcxr.explain.sanity import sanity_check
 
         r = sanity_check(run_dir, images or [], methods=method.split(","), mode=sanity, target_class=target_class,
-                         layer=layer, batch_size=batch_size, out=out_dir)
+                         layer=layer, batch_size=batch_size, out=out_dir, allow_non_frontal=allow_non_frontal)
         for m, e in r["methods"].items():
             console.print(f"{m}: mean |rho| trained vs randomised = {e['mean_abs_rho']:.2f}"
                           + ("  [red]FLAGGED: maps barely depend on the weights[/red]" if e["flagged"] else "  ok"))
@@ -243,7 +250,8 @@ def explain(
         from covidcxr.explain.images import explain_images
 
         r = explain_images(run_dir, images or [], method=method, out=out_dir, target_class=target_class, layer=layer,
-                           batch_size=batch_size, annotations=annotations, road=road)
+                           batch_size=batch_size, annotations=annotations, road=road,
+                           allow_non_frontal=allow_non_frontal)
         lf = r["lung_focus_summary"]
         console.print(f"wrote {len(r['images'])} overlays + summary.json to {out_dir}; skipped {len(r['skipped'])}")
         for s in r["skipped"]:

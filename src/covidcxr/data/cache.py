@@ -42,6 +42,7 @@ import numpy as np
 
 from covidcxr import paths
 from covidcxr.data.io import DEFAULT_MAX_PIXELS, READER_VERSION, XRay, decode_xray
+from covidcxr.data.preprocess import dequantise, working_image
 from covidcxr.errors import ConfigError, ImageReadError
 from covidcxr.progress import make_progress
 from covidcxr.files import atomic_write_bytes, json_default
@@ -49,30 +50,8 @@ from covidcxr.files import atomic_write_bytes, json_default
 #: Bump when the entry layout or the resize changes; old entries are then simply never looked up.
 CACHE_FORMAT = "2"
 MAGIC = b"covidcxr-ws\n"
-RESIZE_METHOD = "cv2.INTER_AREA"
+RESIZE_METHOD = "cv2.INTER_AREA"  # covidcxr.data.preprocess.to_working_size
 DEFAULT_WORKING_SIZE = 512
-_U16 = 65535.0
-
-
-def to_working_size(pixels: np.ndarray, working_size: int) -> np.ndarray:
-    """Shrink so the longer side is at most ``working_size`` (aspect kept, INTER_AREA); never enlarge."""
-    h, w = pixels.shape[:2]
-    scale = working_size / max(h, w)
-    if scale >= 1.0:
-        return np.asarray(pixels, dtype=np.float32)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 wants (width, height)
-    return cv2.resize(np.asarray(pixels, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
-
-
-def quantise(pixels: np.ndarray) -> np.ndarray:
-    """float [0, 1] -> uint16, the stored form (a cache hit returns exactly ``dequantise(quantise(x))``)."""
-    return np.round(np.clip(pixels, 0.0, 1.0) * _U16).astype(np.uint16)
-
-
-def dequantise(stored: np.ndarray) -> np.ndarray:
-    out = stored.astype(np.float32)
-    out *= np.float32(1.0 / _U16)
-    return out
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -149,11 +128,18 @@ class WorkingSizeCache:
 
     def load_xray(self, path: str | os.PathLike) -> XRay:
         """Like :meth:`load`, with the reader's ``meta`` (plus ``content_sha256``, ``working_size``, ``cache``)."""
-        return self._load(Path(path))[0]
+        stored, meta, _ = self._load(Path(path))
+        return XRay(dequantise(stored), meta)
+
+    def load_working(self, path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+        """The stored uint16 working image of ``path`` and its ``meta``: the pipeline's first stage,
+        bit-identical to :func:`covidcxr.data.preprocess.working_image` of a fresh decode."""
+        stored, meta, _ = self._load(Path(path))
+        return stored, meta
 
     def ensure(self, path: str | os.PathLike) -> str:
         """Make sure ``path`` is cached; returns 'hit', 'built' or 'rebuilt' (a corrupt entry was replaced)."""
-        return self._load(Path(path))[1]
+        return self._load(Path(path))[2]
 
     def entry_path(self, content_sha256: str) -> Path:
         key = self.key(content_sha256)
@@ -177,14 +163,14 @@ class WorkingSizeCache:
 
     # ------------------------------------------------------------------ internals
 
-    def _load(self, path: Path) -> tuple[XRay, str]:
+    def _load(self, path: Path) -> tuple[np.ndarray, dict, str]:
         try:
             return self._load_or_build(path)
         except ImageReadError:
             self._count("errors")
             raise
 
-    def _load_or_build(self, path: Path) -> tuple[XRay, str]:
+    def _load_or_build(self, path: Path) -> tuple[np.ndarray, dict, str]:
         signature = self._signature(path)
         digest = self._known_hash(path, signature)
         data = None
@@ -195,27 +181,27 @@ class WorkingSizeCache:
         status = "built"
         if entry.exists():
             try:
-                xray = self._read_entry(entry, digest)
+                stored, meta = self._read_entry(entry, digest)
             except CorruptEntry:
                 status = "rebuilt"
             else:
                 if data is not None:
                     self._remember(path, signature, digest)
                 self._count("hits")
-                return xray, "hit"
+                return stored, meta, "hit"
         if data is None:
             data = self._read(path)
             digest_now = sha256_bytes(data)
             if digest_now != digest:  # changed between stat and read: key by what we decode
                 digest, entry = digest_now, self.entry_path(digest_now)
         decoded = decode_xray(data, path, allow_non_frontal=self.allow_non_frontal, max_pixels=self.max_pixels)
-        stored = quantise(to_working_size(decoded.pixels, self.working_size))
+        stored = working_image(decoded.pixels, self.working_size)
         meta = {**decoded.meta, "content_sha256": digest, "working_size": self.working_size}
         self._write_entry(entry, digest, stored, meta)
         if self._signature(path) == signature:  # do not index a file that changed while we read it
             self._remember(path, signature, digest)
         self._count("rebuilt_corrupt" if status == "rebuilt" else "built")
-        return XRay(dequantise(stored), {**meta, "cache": status}), status
+        return stored, {**meta, "cache": status}, status
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -280,7 +266,7 @@ class WorkingSizeCache:
         # crash a torn entry fails its CRC and is rebuilt, so skip the fsync (it tripled cold-pass time).
         _atomic_write(entry, MAGIC + struct.pack(">I", zlib.crc32(payload)) + payload)
 
-    def _read_entry(self, entry: Path, digest: str) -> XRay:
+    def _read_entry(self, entry: Path, digest: str) -> tuple[np.ndarray, dict]:
         try:
             blob = memoryview(entry.read_bytes())  # slices of a memoryview do not copy the pixels
         except OSError as exc:
@@ -306,7 +292,7 @@ class WorkingSizeCache:
         if "original_shape" in meta:
             meta["original_shape"] = tuple(meta["original_shape"])
         meta["cache"] = "hit"
-        return XRay(dequantise(stored), meta)
+        return stored, meta
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

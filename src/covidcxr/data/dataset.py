@@ -1,9 +1,11 @@
 """A torch Dataset over a :class:`~covidcxr.data.manifest.Manifest`.
 
 ``CXRDataset(manifest, label_space, spec, augment=None)`` yields ``(tensor, target, index)``:
-the C x S x S model input (preprocessed exactly as :func:`covidcxr.data.preprocess.preprocess` does
-at inference, with the optional training augmentation between the geometric/intensity step and
-normalisation), the integer class index, and the row index in the dataset.
+the C x S x S model input, the integer class index, and the row index in the dataset. The input goes
+through the one pipeline of :mod:`covidcxr.data.preprocess` (working-size image from the cache ->
+:func:`~covidcxr.data.preprocess.prepare` -> :func:`~covidcxr.data.preprocess.to_tensor`), so it is
+bit-identical to what :func:`~covidcxr.data.preprocess.preprocess` gives inference for the same
+file; the optional training augmentation ``augment(image, seed)`` runs on the prepared image.
 
 Rows the label space excludes are dropped and counted (``excluded``); images that cannot be read
 are skipped with their reason when the dataset is built with ``validate="decode"`` (``skipped``) -
@@ -27,13 +29,13 @@ from torch.utils.data import Dataset
 
 from covidcxr.data.labels import LabelSpace, get_label_space
 from covidcxr.data.manifest import Manifest
-from covidcxr.data.preprocess import PreprocessSpec, prepare_image, to_model_input
+from covidcxr.data.preprocess import PreprocessSpec, dequantise, prepare, to_tensor
 from covidcxr.errors import ImageReadError
 
 log = logging.getLogger(__name__)
 
-#: Images are read at this longer side (or smaller; never upscaled) before preprocessing.
-WORKING_SIZE = 512
+#: ``augment(prepared image as a 1 x S x S float tensor in [0, 1], seed) -> same shape``
+Augment = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,35 +48,35 @@ class SkippedImage:
         return {"row": self.row, "path": self.path, "reason": self.reason}
 
 
-def load_pixels(path: str | Path) -> np.ndarray:
-    """Float32 H x W image in [0, 1] at working size, read once through the working-size cache."""
-    return _cache().load(path)
+def load_working(path: str | Path, working_size: int) -> np.ndarray:
+    """The uint16 working-size image of ``path`` (pipeline stage 1), read once through the cache."""
+    return _cache(working_size).load_working(path)[0]
 
 
-_CACHES: dict[str, object] = {}
+_CACHES: dict[tuple[str, int], object] = {}
 
 
-def _cache():
-    # One cache object per cache folder ($COVIDCXR_CACHE_DIR may change, e.g. between tests).
+def _cache(working_size: int):
+    # One cache object per cache folder and size ($COVIDCXR_CACHE_DIR may change, e.g. between tests).
     from covidcxr import paths
     from covidcxr.data.cache import WorkingSizeCache
 
-    root = str(paths.cache_dir())
-    if root not in _CACHES:
-        _CACHES[root] = WorkingSizeCache(working_size=WORKING_SIZE)
-    return _CACHES[root]
+    key = (str(paths.cache_dir()), int(working_size))
+    if key not in _CACHES:
+        _CACHES[key] = WorkingSizeCache(working_size=int(working_size))
+    return _CACHES[key]
 
 
 class CXRDataset(Dataset):
     """Manifest rows -> ``(C x S x S tensor, class index, row index)``."""
 
     def __init__(self, manifest: Manifest, label_space: LabelSpace | str, spec: PreprocessSpec, *,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, validate: str = "exists",
+                 augment: Augment | None = None, validate: str = "exists",
                  memory_cache: bool = True, progress: bool = False):
         if validate not in ("decode", "exists"):
             raise ValueError(f"validate={validate!r}: use 'decode' or 'exists'")
         self.label_space = get_label_space(label_space) if not isinstance(label_space, LabelSpace) else label_space
-        self.spec = spec
+        self.spec = spec.require_resolved()
         self.augment = augment
         keep, y = self.label_space.targets(manifest.table)
         self.excluded = int((~keep).sum())
@@ -82,7 +84,7 @@ class CXRDataset(Dataset):
         paths = manifest.image_paths()
         good = np.asarray([paths[r].is_file() for r in rows], dtype=bool)
         self.skipped: list[SkippedImage] = [SkippedImage(int(r), str(paths[r]), "file not found") for r in rows[~good]]
-        self._memory: dict[int, np.ndarray] | None = {} if memory_cache else None
+        self._memory: dict[int, np.ndarray] | None = {} if memory_cache else None  # index -> prepared uint16
         self.rows, self.targets = rows[good], y[good]
         self.paths = [paths[r] for r in self.rows]
         if validate == "decode":
@@ -130,24 +132,21 @@ class CXRDataset(Dataset):
         return len(self.rows)
 
     def _prepared(self, i: int) -> np.ndarray:
-        """Intensity-standardised, resized S x S image in [0, 1] (float16 in memory, float32 out)."""
+        """The prepared uint16 S x S image (pipeline stage 2), kept in memory after the first read."""
         if self._memory is not None and i in self._memory:
-            return self._memory[i].astype(np.float32)
-        img = prepare_image(load_pixels(self.paths[i]), self.spec).astype(np.float16)
+            return self._memory[i]
+        img = prepare(load_working(self.paths[i], self.spec.working_size), self.spec)
         if self._memory is not None:
             self._memory[i] = img
-        # Always go through float16 so a cached and a fresh read give bit-identical inputs.
-        return img.astype(np.float32)
+        return img
 
     def __getitem__(self, item: int | tuple[int, int]):
         i, seed = (item if isinstance(item, tuple) else (item, None))
         i = int(i)
         x = self._prepared(i)
         if self.augment is not None and seed is not None:
-            from covidcxr.training.augment import apply_seeded
-
-            x = apply_seeded(self.augment, torch.from_numpy(x)[None], seed)[0].numpy()
-        return to_model_input(x, self.spec), int(self.targets[i]), i
+            x = self.augment(torch.from_numpy(dequantise(x))[None], seed)
+        return to_tensor(x, self.spec), int(self.targets[i]), i
 
     def report(self) -> dict:
         """What was left out and why (stored in run.json)."""

@@ -1,74 +1,166 @@
-"""The preprocessing spec: how an X-ray array becomes a model input tensor.
+"""The preprocessing spec and the one pipeline that turns a decoded X-ray into a model input.
 
-The spec is saved in every run directory (``run.json``) so that training, evaluation, explanation,
-batch prediction and the web service all preprocess identically. Intensity standardisation is part
-of the spec because per-source contrast differences are one of the shortcuts a CXR model learns.
+:class:`PreprocessSpec` *is* the ``preprocess:`` section of a training config and is stored in
+every run record, so training, evaluation, explanation, batch prediction and the web service all
+preprocess identically. Like timm's ``resolve_data_config``, the normalisation (mean / std) and the
+channel count come from the architecture: :meth:`PreprocessSpec.resolve` fills them in once, and
+only a resolved spec can make tensors.
+
+The pipeline has one order, used by the training Dataset and by every inference path:
+
+    decode (data.io)  ->  working size  ->  intensity  ->  resize  ->  [augment, training only]  ->  tensor
+
+* **working size** (:func:`working_image`): the longer side is shrunk to ``working_size``
+  (``cv2.INTER_AREA``, aspect kept, never enlarged) and stored as uint16. The working-size cache
+  stores exactly this array, so a cache hit and a fresh decode give bit-identical inputs. Intensity
+  standardisation (CLAHE in particular) depends on resolution, so it must always see this size,
+  whether the file is a 512 px JPEG or a 4000 px DICOM.
+* **intensity + resize** (:func:`prepare`): standardise, resize to ``image_size`` x ``image_size``
+  and quantise to uint16 again. The training Dataset keeps these arrays in memory; inference
+  builds the same array from the same working image.
+* **tensor** (:func:`to_tensor`): [0, 1] -> ``(x - mean) / std``, the grey value repeated per channel.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import cv2
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from covidcxr.errors import ConfigError
 
-Intensity = Literal["none", "minmax", "percentile", "hist_eq", "clahe"]
-Resize = Literal["stretch", "letterbox"]
+#: Intensity standardisations, by name (the one list; configs, CLI help and the spec use it).
 INTENSITY_MODES = ("none", "minmax", "percentile", "hist_eq", "clahe")
 RESIZE_MODES = ("stretch", "letterbox")
+Intensity = Literal["none", "minmax", "percentile", "hist_eq", "clahe"]
+Resize = Literal["stretch", "letterbox"]
+#: The order of the pipeline's stages (documentation and the run record's provenance).
+STAGES = ("decode", "working_size", "intensity", "resize", "tensor")
+_U16 = 65535.0
 
 
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """Everything needed to turn a float32 H x W image in [0, 1] into a C x S x S tensor."""
+class PreprocessSpec(BaseModel):
+    """Everything that turns a decoded H x W float image in [0, 1] into a C x S x S model input."""
 
-    image_size: int = 224
-    channels: int = 3  # 3: grey repeated (ImageNet stems); 1: single-channel stem
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    intensity: Intensity = "none"
+    # Unknown keys are errors everywhere: a typo must never silently change preprocessing.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    image_size: int = Field(224, ge=32, le=2048)
+    #: Longer side the image is shrunk to before intensity standardisation (never enlarged).
+    working_size: int = Field(512, ge=32, le=8192)
+    intensity: Intensity = "clahe"
     resize: Resize = "stretch"
     percentiles: tuple[float, float] = (1.0, 99.0)
-    clahe_clip: float = 2.0
-    clahe_tiles: int = 8
-    extra: dict = field(default_factory=dict, compare=False)
+    clahe_clip: float = Field(2.0, gt=0, le=100)
+    clahe_tiles: int = Field(8, ge=1, le=64)
+    #: 3: grey repeated (ImageNet stems); 1: single-channel stem. None: from the model (resolve()).
+    channels: Optional[Literal[1, 3]] = None
+    #: Normalisation; None: the architecture's pretrained statistics (resolve()).
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
 
-    def __post_init__(self):
-        if not 16 <= self.image_size <= 2048:
-            raise ConfigError(f"preprocess.image_size={self.image_size}: must be between 16 and 2048")
-        if self.channels not in (1, 3):
-            raise ConfigError(f"preprocess.channels={self.channels}: must be 1 or 3")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            # A 1-channel stem uses the mean of the 3-channel statistics.
-            if self.channels == 1 and len(self.mean) == 3 and len(self.std) == 3:
-                object.__setattr__(self, "mean", (float(np.mean(self.mean)),))
-                object.__setattr__(self, "std", (float(np.mean(self.std)),))
-            else:
-                raise ConfigError("preprocess.mean/std: need one value per channel")
-        if self.intensity not in INTENSITY_MODES:
-            raise ConfigError(f"preprocess.intensity={self.intensity!r}: choose one of {INTENSITY_MODES}")
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"preprocess.resize={self.resize!r}: choose one of {RESIZE_MODES}")
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        object.__setattr__(self, "percentiles", tuple(float(v) for v in self.percentiles))
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, v):
+        if not 0.0 <= v[0] < v[1] <= 100.0:
+            raise ValueError(f"need 0 <= low < high <= 100, got {list(v)}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, v):
+        if v is not None and any(not np.isfinite(s) or s <= 0 for s in v):
+            raise ValueError(f"every std must be a finite number > 0, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.working_size < self.image_size:
+            raise ValueError(f"working_size {self.working_size} is smaller than image_size {self.image_size}; "
+                             "the image would be shrunk and enlarged again")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither (then they come from the architecture)")
+        if self.mean is not None and self.channels is not None:
+            if len(self.mean) != self.channels or len(self.std) != self.channels:
+                raise ValueError(f"mean/std need one value per channel ({self.channels})")
+        return self
+
+    # ------------------------------------------------------------------ resolution
+
+    @property
+    def resolved(self) -> bool:
+        return self.channels is not None and self.mean is not None
+
+    def resolve(self, *, mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> "PreprocessSpec":
+        """The spec with the architecture's normalisation and channel count filled in.
+
+        Values the spec already has win; a spec that names another channel count than the model
+        is an error. A 1-channel stem uses the mean of 3-channel statistics (the stem sums RGB).
+        """
+        if self.channels is not None and self.channels != channels:
+            raise ConfigError(f"preprocess.channels={self.channels} but the model has {channels} input channel(s); "
+                              "set model.channels and leave preprocess.channels out")
+        mean, std = (tuple(self.mean), tuple(self.std)) if self.mean is not None else (tuple(mean), tuple(std))
+        if channels == 1 and len(mean) == 3:
+            mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+        return self.model_copy(update={"channels": channels, "mean": tuple(map(float, mean)),
+                                       "std": tuple(map(float, std))})._validated()
+
+    def _validated(self) -> "PreprocessSpec":
+        return PreprocessSpec.model_validate(self.model_dump())
+
+    def require_resolved(self) -> "PreprocessSpec":
+        if not self.resolved:
+            raise ConfigError("this preprocessing spec has no channels / mean / std yet; resolve it against the "
+                              "architecture first (covidcxr.models.registry.resolve_spec)")
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"], d["percentiles"] = list(self.mean), list(self.std), list(self.percentiles)
-        return d
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for key in ("mean", "std", "percentiles"):
-            if key in known:
-                known[key] = tuple(known[key])
-        return cls(**known)
+    def from_dict(cls, d: dict, origin: str = "preprocess") -> "PreprocessSpec":
+        """Validate a stored / configured spec; unknown keys and bad values are ConfigErrors naming the key."""
+        try:
+            return cls.model_validate(d)
+        except ValidationError as exc:
+            raise ConfigError(f"{origin}: " + "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: "
+                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())) from None
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def quantise(pixels: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint16, the form the working and prepared images are kept in."""
+    return np.round(np.clip(pixels, 0.0, 1.0) * _U16).astype(np.uint16)
+
+
+def dequantise(stored: np.ndarray) -> np.ndarray:
+    out = np.asarray(stored).astype(np.float32)
+    out *= np.float32(1.0 / _U16)
+    return out
+
+
+def to_working_size(pixels: np.ndarray, working_size: int) -> np.ndarray:
+    """Shrink so the longer side is at most ``working_size`` (aspect kept, INTER_AREA); never enlarge."""
+    h, w = pixels.shape[:2]
+    scale = working_size / max(h, w)
+    if scale >= 1.0:
+        return np.asarray(pixels, dtype=np.float32)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 wants (width, height)
+    return cv2.resize(np.asarray(pixels, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
+
+
+def working_image(pixels: np.ndarray, working_size: int) -> np.ndarray:
+    """Stage 1: decoded float pixels -> uint16 working-size image (what the cache stores)."""
+    return quantise(to_working_size(pixels, working_size))
 
 
 def standardise_intensity(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -83,15 +175,20 @@ def standardise_intensity(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarra
     if mode == "percentile":
         lo, hi = (np.float32(v) for v in np.percentile(x, spec.percentiles))
         return np.clip((x - lo) / (hi - lo), 0.0, 1.0, dtype=np.float32) if hi > lo else np.zeros_like(x)
-    # Histogram methods work on 16-bit integers so 12-16 bit DICOM detail survives.
-    x16 = np.round(np.clip(x, 0.0, 1.0) * 65535).astype(np.uint16)
     if mode == "hist_eq":
+        # Global equalisation on 16-bit integers, so 12-16 bit DICOM detail survives.
+        x16 = quantise(x)
         hist = np.bincount(x16.ravel(), minlength=65536).astype(np.float64)
         cdf = np.cumsum(hist)
         cdf = (cdf - cdf[cdf > 0][0]) / max(cdf[-1] - cdf[cdf > 0][0], 1.0)
         return np.clip(cdf[x16], 0.0, 1.0).astype(np.float32)
+    # CLAHE on 8 bits, as OpenCV and the CXR literature use it: on uint16 OpenCV builds 65,536-bin
+    # tile histograms whose clip limit (clip x mean bin count) falls below one pixel, and the
+    # redistributed excess flattens the effect (measured on washed-out NIH exports: local contrast
+    # x1.5 on 16 bits against x2.5-3.1 on 8 bits; tests/test_preprocess.py).
+    x8 = np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
     clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(spec.clahe_tiles, spec.clahe_tiles))
-    return clahe.apply(x16).astype(np.float32) / 65535.0
+    return clahe.apply(x8).astype(np.float32) / np.float32(255.0)
 
 
 def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
@@ -113,23 +210,31 @@ def resize_square(pixels: np.ndarray, size: int, mode: Resize = "stretch") -> np
     return out
 
 
-def to_model_input(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
-    """Resized, standardised float image in [0, 1] -> normalised C x S x S tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-    x = x.unsqueeze(0).expand(spec.channels, -1, -1)
-    mean = torch.tensor(spec.mean).view(-1, 1, 1)
-    std = torch.tensor(spec.std).view(-1, 1, 1)
+def prepare(working: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Stage 2: uint16 working image -> intensity-standardised, resized uint16 S x S image.
+
+    Training augmentation runs on ``dequantise(prepare(...))``, between this and :func:`to_tensor`.
+    """
+    if working.dtype != np.uint16:
+        raise TypeError(f"prepare() takes the uint16 working image (working_image()), got {working.dtype}")
+    x = standardise_intensity(dequantise(working), spec)
+    return quantise(resize_square(x, spec.image_size, spec.resize))
+
+
+def to_tensor(prepared: np.ndarray | torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """Stage 3: a prepared S x S image (uint16, or float in [0, 1] after augmentation) -> C x S x S tensor."""
+    spec.require_resolved()
+    if isinstance(prepared, torch.Tensor):
+        x = prepared.to(torch.float32)
+    else:
+        x = torch.from_numpy(dequantise(prepared) if prepared.dtype == np.uint16
+                             else np.ascontiguousarray(prepared, dtype=np.float32))
+    x = x.reshape(x.shape[-2:]).unsqueeze(0).expand(spec.channels, -1, -1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
     return (x - mean) / std
 
 
-def prepare_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """The geometric + intensity part of preprocessing: H x W float -> S x S float in [0, 1].
-
-    Augmentation (training only) runs between :func:`prepare_image` and :func:`to_model_input`.
-    """
-    return resize_square(standardise_intensity(pixels, spec), spec.image_size, spec.resize)
-
-
 def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
-    """H x W float32 image in [0, 1] -> normalised C x S x S tensor, exactly as at training time."""
-    return to_model_input(prepare_image(pixels, spec), spec)
+    """Decoded H x W float32 image in [0, 1] -> normalised C x S x S tensor, exactly as in training."""
+    return to_tensor(prepare(working_image(pixels, spec.working_size), spec), spec)

@@ -29,7 +29,8 @@ from covidcxr.evaluation import calibration as cal
 from covidcxr.evaluation import plots
 from covidcxr.evaluation.metrics import (DEFAULT_LEVEL, DEFAULT_N_BOOT, binary_metrics, multiclass_metrics,
                                          within_source_auc_details)
-from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.files import jsonable, write_json
+from covidcxr.models.run import LoadedRun, load_run
 
 EVAL_FORMAT = "covidcxr-eval/1"
 METRICS_JSON = "metrics.json"
@@ -46,8 +47,7 @@ GAP_METRICS = ("auc", "sensitivity", "specificity", "balanced_accuracy")
 
 def run_label_space(run: LoadedRun, override: str | Path | None = None) -> LabelSpace:
     """The label space the run was trained with (``run.json`` info), checked against its classes."""
-    info = run.record.get("info") or {}
-    recorded = info.get("label_space")
+    recorded = run.record.label_space or run.record.info.get("label_space")
     if isinstance(recorded, dict):
         recorded = recorded.get("path") or recorded.get("name")
     candidates = [override] if override is not None else ([recorded] if recorded else [])
@@ -183,9 +183,9 @@ def internal_external_gap(internal: dict, external: dict) -> dict:
 def fit_or_load_temperature(run: LoadedRun, manifest: Manifest, space: LabelSpace, *, batch_size: int,
                             progress: bool) -> cal.TemperatureScaling:
     """The run's stored temperature, or one fitted now on the manifest's VALIDATION rows and stored."""
-    stored = cal.TemperatureScaling.load(run.run_dir)
-    if stored is not None:
-        return stored
+    stored = run.record.calibration
+    if stored:
+        return cal.TemperatureScaling(**{k: v for k, v in stored.items() if k != "method"})
     val = manifest.subset("val")
     if len(val) == 0:
         raise CovidCXRError(f"{manifest.name}: no 'val' rows to fit temperature scaling on; it is never fitted on test")
@@ -193,22 +193,48 @@ def fit_or_load_temperature(run: LoadedRun, manifest: Manifest, space: LabelSpac
     index = {c: i for i, c in enumerate(run.classes)}
     temp = cal.TemperatureScaling.fit(scored[[f"prob_{c}" for c in run.classes]].to_numpy(),
                                       scored["class"].map(index).to_numpy(), fitted_on="val")
-    temp.save(run.run_dir)
+    from dataclasses import asdict
+
+    from covidcxr.models.record import update_run_record
+
+    update_run_record(run.run_dir, calibration={"method": "temperature", **asdict(temp)})
     return temp
 
 
 # ---------------------------------------------------------------- the command
 
 
-def evaluate_run(run_dir: str | Path, manifest: str | Path | Manifest, *, split: str = "test",
+def run_manifest(run: LoadedRun) -> Manifest:
+    """The rows the run was trained, validated and tested on (``split.csv``), checked against the record.
+
+    Its ``split`` column is what the run did with each row (train / val / test / external; rows it
+    did not use are blank), so evaluating it can never score an image the run trained on.
+    """
+    from covidcxr.models.weights import sha256_file
+
+    rec = run.record.split
+    if rec is None:
+        raise CovidCXRError(f"{run.run_dir}: the run records no split; pass --manifest with a 'split' column")
+    path = Path(run.run_dir) / rec.file
+    if not path.is_file() or sha256_file(path) != rec.sha256:
+        raise CovidCXRError(f"{path}: missing or changed since training (SHA-256 differs from run.json); "
+                            "pass --manifest explicitly")
+    manifest = Manifest.read(path)
+    table = manifest.table.copy()
+    table["split"] = table[rec.column].astype(str).where(table[rec.column].astype(str).isin(SPLITS), "")
+    return manifest.replace(table)
+
+
+def evaluate_run(run_dir: str | Path, manifest: str | Path | Manifest | None = None, *, split: str = "test",
                  by: str | None = None, prevalence: float | None = None, out: str | Path | None = None,
                  readers: str | Path | None = None, patient_bootstrap: bool = False,
                  temperature_scaling: bool = False, label_space: str | Path | None = None,
                  n_boot: int = DEFAULT_N_BOOT, level: float = DEFAULT_LEVEL, batch_size: int = 16,
                  progress: bool = True, make_plots: bool = True, run: LoadedRun | None = None) -> dict:
-    """Evaluate ``run_dir`` on the ``split`` rows of ``manifest``; write metrics.json, predictions.csv, plots."""
+    """Evaluate ``run_dir`` on the ``split`` rows of ``manifest`` (default: the run's own split.csv);
+    write metrics.json, predictions.csv, plots."""
     run = run if run is not None else load_run(run_dir)
-    manifest = _as_manifest(manifest)
+    manifest = _as_manifest(manifest) if manifest is not None else run_manifest(run)
     space = run_label_space(run, label_space)
     out = Path(out) if out is not None else Path(run_dir) / "eval" / split
     groups = [split]
@@ -263,23 +289,10 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path | Manifest, *, split:
     out.mkdir(parents=True, exist_ok=True)
     scored.drop(columns=["path"]).to_csv(out / PREDICTIONS_CSV, index=False)
     result["plots"] = write_plots(out, scored, run, threshold, result, by=by) if make_plots else {}
-    result = finite_or_none(result)
+    result = jsonable(result)
     write_json(out / METRICS_JSON, result)
     result["out"] = str(out)
     return result
-
-
-def finite_or_none(obj):
-    """Replace NaN / infinity (undefined metrics) by None so metrics.json is strict JSON (null)."""
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _readers(scored: pd.DataFrame, reads_path, run: LoadedRun, space: LabelSpace) -> dict:

@@ -24,7 +24,8 @@ from markupsafe import Markup, escape
 
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluation.evaluate import format_estimate, read_eval_results
-from covidcxr.models.run import atomic_write_bytes, read_run_record
+from covidcxr.files import atomic_write_bytes
+from covidcxr.models.record import read_run_record
 
 REPORT_FILE = "report.html"
 MAX_TABLE_ROWS = 60
@@ -338,7 +339,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     run_dir = Path(run_dir)
-    record = read_run_record(run_dir)
+    record = read_run_record(run_dir).model_dump(mode="json")
     out = Path(out) if out is not None else run_dir / REPORT_FILE
     evals = read_eval_results(run_dir)
     epochs = read_epochs(run_dir / "metrics.jsonl")

@@ -25,7 +25,8 @@ from torch import nn
 from covidcxr.data.preprocess import PreprocessSpec, letterbox_box
 from covidcxr.errors import ConfigError
 from covidcxr.models.registry import get_architecture
-from covidcxr.models.run import EnsembleModel, FlipTTAModel, LoadedRun, read_run_record
+from covidcxr.models.record import RunRecord, read_run_record
+from covidcxr.models.run import EnsembleModel, FlipTTAModel, LoadedRun
 
 
 def _cam_classes() -> dict[str, type]:
@@ -97,9 +98,9 @@ def cam_models(run: LoadedRun, layer: str | None = None) -> list[CamModel]:
     return _flatten(run.model, run.record, Path(run.run_dir), layer, 1.0)
 
 
-def _flatten(model: nn.Module, record: dict, run_dir: Path, layer: str | None, weight: float) -> list[CamModel]:
+def _flatten(model: nn.Module, record: RunRecord, run_dir: Path, layer: str | None, weight: float) -> list[CamModel]:
     if isinstance(model, EnsembleModel):
-        paths = record.get("members") or []
+        paths = record.members
         if len(paths) != len(model.members):
             raise ConfigError(f"{run_dir}: run.json lists {len(paths)} members but the model has {len(model.members)}")
         out = []
@@ -107,7 +108,7 @@ def _flatten(model: nn.Module, record: dict, run_dir: Path, layer: str | None, w
             member_dir = run_dir / rel
             out += _flatten(member, read_run_record(member_dir), member_dir, layer, weight / len(paths))
         return out
-    arch = record["architecture"]
+    arch = record.architecture
     if isinstance(model, FlipTTAModel):
         # The run averages the image and its mirror: explain the network on both, the mirror's map flipped back.
         net = model.model
@@ -176,6 +177,20 @@ def _rescale(maps: np.ndarray) -> np.ndarray:
     lo = maps.reshape(len(maps), -1).min(1)[:, None, None]
     hi = maps.reshape(len(maps), -1).max(1)[:, None, None]
     return ((maps - lo) / np.maximum(hi - lo, 1e-7)).astype(np.float32)
+
+
+def heatmaps(run: LoadedRun, inputs, *, method: str = "gradcam", class_indices: list[int] | None = None,
+             target_class: str | None = None, layer: str | None = None, models: list[CamModel] | None = None,
+             batch_size: int = 8) -> list[np.ndarray]:
+    """The one heatmap function: CAMs of prepared inputs (:class:`~covidcxr.models.predict.PreparedInput`)
+    mapped back onto each input's image geometry (``input.pixels``: the file's aspect and orientation,
+    letterbox padding removed), float32 H x W in [0, 1]."""
+    inputs = list(inputs)
+    if not inputs:
+        return []
+    cams = compute_cams(run, torch.stack([x.tensor for x in inputs]), method=method, target_class=target_class,
+                        layer=layer, batch_size=batch_size, models=models, class_indices=class_indices)
+    return [to_original_geometry(c, x.pixels.shape, run.spec) for c, x in zip(cams, inputs)]
 
 
 def to_original_geometry(cam: np.ndarray, shape: tuple[int, int], spec: PreprocessSpec) -> np.ndarray:

@@ -12,9 +12,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from covidcxr.data.preprocess import preprocess
 from covidcxr.errors import ConfigError, CovidCXRError
-from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.files import write_json
+from covidcxr.models.predict import prepare_input
+from covidcxr.models.run import LoadedRun, load_run
 from covidcxr.plotting import pyplot, save_figure
 
 
@@ -44,13 +45,11 @@ def activations(model: torch.nn.Module, inputs: torch.Tensor, layers: Sequence[s
 def feature_maps(run_dir: str | Path, image: str | Path, layers: Sequence[str], *, max_channels: int = 8,
                  out: str | Path | None = None, run: LoadedRun | None = None) -> dict:
     """Grid figure ``<stem>_features.png`` of the most active channels of each layer; returns what it drew."""
-    from covidcxr.data.io import read_xray
-
     if not layers:
         raise ConfigError("feature maps: name at least one layer (e.g. 'blocks.3' or 'layer2')")
     run = run if run is not None else load_run(run_dir)
-    xray = read_xray(image)
-    acts = activations(run.model, preprocess(xray.pixels, run.spec).unsqueeze(0).to(run.device), layers)
+    xray = prepare_input(image, run.spec)
+    acts = activations(run.model, xray.tensor.unsqueeze(0).to(run.device), layers)
     missing = [n for n in layers if n not in acts]
     if missing:
         raise CovidCXRError(f"layers {missing} did not run on this input (not on the forward path)")

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from covidcxr import paths
-from covidcxr.data.preprocess import preprocess
 from covidcxr.errors import CovidCXRError
 from covidcxr.explain.annotations import Annotations
-from covidcxr.explain.cam import (cam_models, canonical_method, class_index, compute_cams, to_original_geometry)
+from covidcxr.explain.cam import cam_models, canonical_method, class_index, compute_cams, to_original_geometry
 from covidcxr.explain.lung_focus import lung_focus, summarise_lung_focus
 from covidcxr.explain.overlay import DEFAULT_ALPHA, DEFAULT_CMAP, SheetItem, save_contact_sheet, save_overlay, thumbnail
-from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.files import write_json
+from covidcxr.models.predict import PreparedInput, predict_inputs, try_prepare
+from covidcxr.models.run import LoadedRun, load_run
 from covidcxr.progress import make_progress
 
 SUMMARY_FORMAT = "covidcxr-explain/1"
@@ -59,23 +60,18 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-def read_images(paths_: Sequence[str | Path]):
-    """Yield (path, XRay | None, reason | None) without stopping at a bad file."""
-    from covidcxr.data.io import read_xray
-    from covidcxr.errors import ImageReadError
-
+def prepare_images(paths_: Sequence[str | Path], run: LoadedRun, *, allow_non_frontal: bool = False):
+    """Yield (path, PreparedInput | None, reason | None) through the one pipeline, never stopping at a bad file."""
     for p in paths_:
-        try:
-            yield Path(p), read_xray(p), None
-        except ImageReadError as exc:
-            yield Path(p), None, exc.reason
+        prepared, reason = try_prepare(p, run.spec, allow_non_frontal=allow_non_frontal)
+        yield Path(p), prepared, reason
 
 
 def explain_images(run_dir: str | Path, images: Sequence[str | Path], *, method: str = "gradcam",
                    out: str | Path | None = None, target_class: str | None = None, layer: str | None = None,
                    batch_size: int = 8, annotations: str | Path | Annotations | None = None, road: bool = False,
                    cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA, device: str = "cpu",
-                   run: LoadedRun | None = None) -> dict:
+                   allow_non_frontal: bool = False, run: LoadedRun | None = None) -> dict:
     """Explain ``images`` with ``method`` and write overlays + JSON into ``out``; returns the summary."""
     if not images:
         raise CovidCXRError("no images given; pass image files (PNG / JPEG / DICOM ...) to explain")
@@ -92,22 +88,23 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path], *, method:
         task = bar.add_task(f"{method} heatmaps", total=len(todo))
         for start in range(0, len(todo), batch_size):
             batch = []
-            for path, xray, reason in read_images(todo[start : start + batch_size]):
-                if xray is None:
+            for path, prepared, reason in prepare_images(todo[start : start + batch_size], run,
+                                                         allow_non_frontal=allow_non_frontal):
+                if prepared is None:
                     skipped.append({"image": str(path), "reason": reason})
                 else:
-                    batch.append((path, xray))
+                    batch.append((path, prepared))
             if batch:
-                inputs = torch.stack([preprocess(x.pixels, run.spec) for _, x in batch])
-                probs = run.predict_tensor(inputs)
-                targets = [fixed_class if fixed_class is not None else int(k) for k in probs.argmax(1)]
+                records = predict_inputs(run, [x for _, x in batch])
+                inputs = torch.stack([x.tensor for _, x in batch])
+                targets = [fixed_class if fixed_class is not None else int(np.argmax(r.probabilities))
+                           for r in records]
                 cams = compute_cams(run, inputs, method=method, models=models, class_indices=targets,
                                     batch_size=batch_size)
                 roads = _road(run, inputs, cams, targets) if road else None
-                labels = run.decide(probs)
-                for i, (path, xray) in enumerate(batch):
-                    entry, item, lf = _explain_one(run, out, method, path, xray, cams[i], probs[i], labels[i],
-                                                   targets[i], ann, used, cmap, alpha,
+                for i, (path, prepared) in enumerate(batch):
+                    entry, item, lf = _explain_one(run, out, method, path, prepared, cams[i], records[i].probabilities,
+                                                   records[i].predicted, targets[i], ann, used, cmap, alpha,
                                                    {k: float(v[i]) for k, v in roads.items()} if roads else None)
                     entries.append(entry)
                     if len(sheet) < MAX_SHEET:
@@ -153,8 +150,9 @@ def _road_summary(entries: list[dict]) -> dict:
     return {f"mean_{k}": float(np.mean([e["road"][k] for e in entries])) for k in keys} if entries else {}
 
 
-def _explain_one(run, out, method, path, xray, cam, probs, label, target, ann, used, cmap, alpha, road):
+def _explain_one(run, out, method, path, xray: PreparedInput, cam, probs, label, target, ann, used, cmap, alpha, road):
     stem = _unique_stem(path, used)
+    # ROAD needs the raw S x S maps above, so this one maps them back itself (as explain.cam.heatmaps does).
     heat = to_original_geometry(cam, xray.pixels.shape, run.spec)
     region = ann.lung_region(path, xray.pixels.shape) if ann is not None else None
     lf = lung_focus(heat, region) if region is not None else None

@@ -14,19 +14,37 @@ DEFAULT_CMAP = "jet"
 DEFAULT_ALPHA = 0.4
 
 
+def colour_map(heat: np.ndarray, cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """H x W map in [0, 1] -> H x W x 3 float RGB in [0, 1] through ``cmap``."""
+    import matplotlib
+
+    return matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3]
+
+
+def blend_overlay(pixels: np.ndarray, heat: np.ndarray, *, cmap: str = DEFAULT_CMAP,
+                  alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """The one overlay renderer: grey X-ray blended with the colour-mapped heatmap -> uint8 H x W x 3 RGB.
+
+    Figures (:func:`draw_overlay`), contact sheets, progression plots and the web page all show this.
+    """
+    if pixels.shape != heat.shape:
+        raise ValueError(f"image {pixels.shape} and heatmap {heat.shape} must have the same shape")
+    grey = np.repeat(np.clip(pixels, 0.0, 1.0)[..., None], 3, axis=2)
+    return np.round(((1 - alpha) * grey + alpha * colour_map(heat, cmap)) * 255).astype(np.uint8)
+
+
 def draw_overlay(ax, pixels: np.ndarray, cam: np.ndarray, *, cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA,
                  lung: np.ndarray | None = None, title: str | None = None):
-    """Draw the X-ray in grey with the heatmap on top (and the lung outline if given); returns the heatmap artist."""
-    if pixels.shape != cam.shape:
-        raise ValueError(f"image {pixels.shape} and heatmap {cam.shape} must have the same shape")
-    ax.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear")
-    artist = ax.imshow(cam, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+    """Draw :func:`blend_overlay` (and the lung outline if given); returns a mappable for a colour bar."""
+    import matplotlib
+
+    ax.imshow(blend_overlay(pixels, cam, cmap=cmap, alpha=alpha), interpolation="bilinear")
     if lung is not None and lung.any():
         ax.contour(lung.astype(float), levels=[0.5], colors="white", linewidths=0.8)
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
-    return artist
+    return matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0.0, 1.0), cmap=cmap)
 
 
 def save_overlay(path: str | Path, pixels: np.ndarray, cam: np.ndarray, *, title: str | None = None,

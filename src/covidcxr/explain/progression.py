@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from covidcxr.data.preprocess import preprocess
 from covidcxr.errors import CovidCXRError
-from covidcxr.explain.cam import cam_models, canonical_method, class_index, compute_cams, to_original_geometry
+from covidcxr.explain.cam import cam_models, canonical_method, class_index, heatmaps
 from covidcxr.explain.overlay import DEFAULT_ALPHA, DEFAULT_CMAP, draw_overlay, thumbnail
-from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.files import write_json
+from covidcxr.models.predict import predict_inputs
+from covidcxr.models.run import LoadedRun, load_run
 from covidcxr.plotting import pyplot, save_figure
 
 
@@ -49,7 +49,7 @@ def plot_progression(run_dir: str | Path, manifest, patient_id: str, *, method: 
     ``manifest``: a :class:`covidcxr.data.manifest.Manifest` or the path of a manifest CSV.
     """
     from covidcxr.data.manifest import Manifest
-    from covidcxr.explain.images import read_images
+    from covidcxr.explain.images import prepare_images
 
     if not isinstance(manifest, Manifest):
         manifest = Manifest.read(manifest)
@@ -60,26 +60,26 @@ def plot_progression(run_dir: str | Path, manifest, patient_id: str, *, method: 
     method = canonical_method(method)
     fixed = class_index(run, target_class)
     studies, skipped = [], []
-    for (path, xray, reason), (_, rec) in zip(read_images(list(rows["path"])), rows.iterrows()):
+    for (path, xray, reason), (_, rec) in zip(prepare_images(list(rows["path"]), run), rows.iterrows()):
         if xray is None:
             skipped.append({"image": str(path), "reason": reason})
         else:
             studies.append((rec, xray))
     if not studies:
         raise CovidCXRError(f"patient {patient_id}: none of the images could be read ({skipped})")
-    inputs = torch.stack([preprocess(x.pixels, run.spec) for _, x in studies])
-    probs = run.predict_tensor(inputs)
+    records = predict_inputs(run, [x for _, x in studies])
+    probs = np.stack([r.probabilities for r in records])
     targets = [fixed if fixed is not None else int(k) for k in probs.argmax(1)]
-    cams = compute_cams(run, inputs, method=method, models=cam_models(run, layer), class_indices=targets)
-    labels = run.decide(probs)
+    maps = heatmaps(run, [x for _, x in studies], method=method, models=cam_models(run, layer), class_indices=targets)
+    labels = [r.predicted for r in records]
     target_name = run.classes[fixed] if fixed is not None else None
     entries = []
-    for (rec, xray), p, t, lab, cam in zip(studies, probs, targets, labels, cams):
+    for (rec, xray), p, t, lab, heat in zip(studies, probs, targets, labels, maps):
         day = rec["offset_days"]
         entries.append({"image": rec["path"], "offset_days": None if pd.isna(day) else float(day),
                         "label": rec["label"], "predicted_label": lab, "target_class": run.classes[t],
                         "probability": float(p[t]), "probabilities": dict(zip(run.classes, map(float, p))),
-                        "heat": to_original_geometry(cam, xray.pixels.shape, run.spec), "pixels": xray.pixels})
+                        "heat": heat, "pixels": xray.pixels})
     out = Path(out) if out is not None else Path(run_dir) / "explain"
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in patient_id)
     threshold = run.threshold if fixed is not None and fixed == run.positive_index else None

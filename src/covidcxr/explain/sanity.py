@@ -25,11 +25,11 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from covidcxr.data.preprocess import preprocess
 from covidcxr.errors import CovidCXRError, ConfigError
 from covidcxr.explain.cam import CamModel, cam_models, canonical_method, class_index, compute_cams
 from covidcxr.models.registry import create_model, get_architecture
-from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.files import write_json
+from covidcxr.models.run import LoadedRun, load_run
 from covidcxr.plotting import pyplot, save_figure
 
 DEFAULT_FLAG_RHO = 0.5
@@ -99,9 +99,9 @@ def _stats(rhos: np.ndarray, constant: int) -> dict:
 def sanity_check(run_dir: str | Path, images: Sequence[str | Path], *, methods: Sequence[str] = ("gradcam",),
                  mode: str = "full", target_class: str | None = None, layer: str | None = None, seed: int = 0,
                  flag_rho: float = DEFAULT_FLAG_RHO, batch_size: int = 8, out: str | Path | None = None,
-                 run: LoadedRun | None = None) -> dict:
+                 allow_non_frontal: bool = False, run: LoadedRun | None = None) -> dict:
     """Correlation of each method's maps before / after weight randomisation; writes ``sanity.json``."""
-    from covidcxr.explain.images import read_images
+    from covidcxr.explain.images import prepare_images
 
     if mode not in MODES:
         raise ConfigError(f"sanity mode {mode!r}: choose one of {MODES}")
@@ -109,11 +109,11 @@ def sanity_check(run_dir: str | Path, images: Sequence[str | Path], *, methods: 
         raise CovidCXRError("sanity check: pass the images to compare heatmaps on (a few tens are enough)")
     run = run if run is not None else load_run(run_dir)
     ok, skipped = [], []
-    for path, xray, reason in read_images(images):
+    for path, xray, reason in prepare_images(images, run, allow_non_frontal=allow_non_frontal):
         (ok if xray is not None else skipped).append((path, xray) if xray is not None else {"image": str(path), "reason": reason})
     if not ok:
         raise CovidCXRError("sanity check: none of the images could be read: " + "; ".join(s["reason"] for s in skipped))
-    inputs = torch.stack([preprocess(x.pixels, run.spec) for _, x in ok])
+    inputs = torch.stack([x.tensor for _, x in ok])
     fixed = class_index(run, target_class)
     targets = [fixed if fixed is not None else int(k) for k in run.predict_tensor(inputs).argmax(1)]
     trained = cam_models(run, layer)

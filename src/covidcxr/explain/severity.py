@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy.stats import spearmanr
 
 from covidcxr import paths
-from covidcxr.data.preprocess import preprocess
 from covidcxr.errors import ConfigError, CovidCXRError
 from covidcxr.explain.annotations import Annotations
-from covidcxr.explain.cam import cam_models, canonical_method, class_index, compute_cams, to_original_geometry
+from covidcxr.explain.cam import cam_models, canonical_method, class_index, heatmaps
 from covidcxr.explain.lung_focus import lung_cam_area
-from covidcxr.models.run import LoadedRun, load_run, write_json
+from covidcxr.files import write_json
+from covidcxr.models.predict import predict_inputs
+from covidcxr.models.run import LoadedRun, load_run
 from covidcxr.plotting import pyplot, save_figure
 from covidcxr.progress import make_progress
 
@@ -68,7 +68,7 @@ def severity_study(run_dir: str | Path, *, data_root: str | Path | None = None, 
                    n_boot: int = 2000, batch_size: int = 8, limit: int | None = None, out: str | Path | None = None,
                    run: LoadedRun | None = None) -> dict:
     """Correlate predicted probability and heatmap lung area with expert severity; writes JSON + scatter plot."""
-    from covidcxr.explain.images import read_images
+    from covidcxr.explain.images import prepare_images
 
     root = Path(data_root) if data_root is not None else paths.data_root()
     ann = Annotations(root / "annotations")
@@ -87,19 +87,19 @@ def severity_study(run_dir: str | Path, *, data_root: str | Path | None = None, 
         for start in range(0, len(scores), batch_size):
             chunk = scores.iloc[start : start + batch_size]
             batch = []
-            for (path, xray, reason), (_, rec) in zip(read_images([root / im for im in chunk["image"]]), chunk.iterrows()):
+            for (path, xray, reason), (_, rec) in zip(prepare_images([root / im for im in chunk["image"]], run),
+                                                       chunk.iterrows()):
                 region = ann.lung_region(rec["image"], xray.pixels.shape) if xray is not None else None
                 if xray is None or region is None:
                     skipped.append({"image": rec["image"], "reason": reason or "no lung mask or box"})
                 else:
                     batch.append((rec, xray, region))
             if batch:
-                inputs = torch.stack([preprocess(x.pixels, run.spec) for _, x, _ in batch])
-                probs = run.predict_tensor(inputs)[:, target]
-                cams = compute_cams(run, inputs, method=method, models=models, class_indices=[target] * len(batch),
-                                    batch_size=batch_size)
-                for (rec, xray, region), p, cam in zip(batch, probs, cams):
-                    heat = to_original_geometry(cam, xray.pixels.shape, run.spec)
+                prepared = [x for _, x, _ in batch]
+                probs = [r.probabilities[target] for r in predict_inputs(run, prepared)]
+                maps = heatmaps(run, prepared, method=method, models=models, class_indices=[target] * len(batch),
+                                batch_size=batch_size)
+                for (rec, xray, region), p, heat in zip(batch, probs, maps):
                     rows.append({"image": rec["image"], "geographic_extent_mean": float(rec["geographic_extent_mean"]),
                                  "opacity_mean": float(rec["opacity_mean"]), "probability": float(p),
                                  "cam_lung_area": lung_cam_area(heat, region, cam_threshold), "region": region.kind})

@@ -1,8 +1,16 @@
-"""Model -> predictions: run a loaded model over image files.
+"""Model -> predictions: the one path from image files (or uploaded bytes) to class probabilities.
 
-The one place where files become class probabilities, shared by ``covidcxr evaluate``,
-``covidcxr predict`` and the explainability tools. Unreadable files are reported with the reason
-and skipped; the rest go on.
+A :class:`Predictor` is anything with a run record and ``predict_tensor(batch) -> probabilities``:
+the PyTorch backend (:class:`~covidcxr.models.run.LoadedRun`) and the ONNX Runtime backend
+(:class:`covidcxr.serving.onnx.OnnxRun`) implement it. Everything else is shared:
+
+* :func:`prepare_input` reads a file's bytes once, hashes them, decodes them and runs the one
+  preprocessing pipeline (:mod:`covidcxr.data.preprocess`); the result keeps the working-size pixels
+  and the model input, so heatmaps and overlays never decode a file a second time;
+* :func:`predict_inputs` turns prepared inputs into :class:`PredictionRecord` objects;
+* :func:`predict_paths` does both for a list of files in batches (bad files are reported with the
+  reason and skipped; the rest go on), which is what ``covidcxr predict``, ``evaluate`` and the
+  explainability tools use.
 """
 
 from __future__ import annotations
@@ -10,18 +18,120 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from covidcxr.data.preprocess import preprocess
+from covidcxr.data.preprocess import PreprocessSpec, dequantise, prepare, to_tensor, working_image
 from covidcxr.errors import CovidCXRError
-from covidcxr.models.run import LoadedRun
+from covidcxr.models.record import RunRecord
 from covidcxr.progress import make_progress
+
+
+class Predictor(Protocol):
+    """A run's model on some backend: its record and a batch -> probabilities function."""
+
+    run_dir: Path
+    record: RunRecord
+    backend: str
+
+    @property
+    def spec(self) -> PreprocessSpec: ...
+
+    @property
+    def classes(self) -> list[str]: ...
+
+    def predict_tensor(self, batch: torch.Tensor) -> np.ndarray: ...
+
+    def decide(self, probs: np.ndarray) -> list[str]: ...
+
+
+@dataclass(eq=False)
+class PreparedInput:
+    """One decoded, preprocessed image: what the model sees and what a person is shown."""
+
+    name: str
+    input_sha256: str
+    pixels: np.ndarray  # the working-size image, float32 H x W in [0, 1] (aspect and orientation of the file)
+    meta: dict  # the reader's meta (format, original_shape, DICOM tags ...)
+    tensor: torch.Tensor  # C x S x S model input
+
+    @property
+    def original_shape(self) -> tuple[int, int]:
+        return tuple(self.meta.get("original_shape") or self.pixels.shape)
+
+
+@dataclass(eq=False)
+class PredictionRecord:
+    """One prediction: the input it was made on, the class probabilities and the decision."""
+
+    input: PreparedInput
+    probabilities: np.ndarray  # K, in the run's class order
+    predicted: str
+
+    @property
+    def path(self) -> str:
+        return self.input.name
+
+
+def prepare_bytes(data: bytes, name: str, spec: PreprocessSpec, *, allow_non_frontal: bool = False,
+                  **read_options) -> PreparedInput:
+    """Decode ``data`` (the bytes of one file or upload) and run the pipeline; raises ImageReadError."""
+    from covidcxr.data.io import decode_xray
+
+    xray = decode_xray(data, name, allow_non_frontal=allow_non_frontal, **read_options)
+    working = working_image(xray.pixels, spec.working_size)
+    return PreparedInput(name=str(name), input_sha256=hashlib.sha256(data).hexdigest(), pixels=dequantise(working),
+                         meta=dict(xray.meta), tensor=to_tensor(prepare(working, spec), spec))
+
+
+def prepare_input(path: str | Path, spec: PreprocessSpec, *, allow_non_frontal: bool = False,
+                  **read_options) -> PreparedInput:
+    """Read ``path`` once (safely: no FIFOs, devices or link loops) and :func:`prepare_bytes` it."""
+    from covidcxr.data.io import read_file_bytes
+
+    return prepare_bytes(read_file_bytes(path), str(path), spec, allow_non_frontal=allow_non_frontal, **read_options)
+
+
+def try_prepare(path: str | Path, spec: PreprocessSpec, **options) -> tuple[PreparedInput | None, str | None]:
+    """(prepared input, None) or (None, reason) for one file; never raises for bad input."""
+    try:
+        return prepare_input(path, spec, **options), None
+    except CovidCXRError as exc:
+        return None, getattr(exc, "reason", str(exc))
+    except OSError as exc:
+        return None, f"cannot read file ({exc.strerror or exc.__class__.__name__})"
+
+
+def predict_inputs(predictor: Predictor, inputs: Sequence[PreparedInput]) -> list[PredictionRecord]:
+    """Prepared inputs -> prediction records (one forward pass over the batch)."""
+    if not inputs:
+        return []
+    probs = predictor.predict_tensor(torch.stack([x.tensor for x in inputs]))
+    return [PredictionRecord(x, p, lab) for x, p, lab in zip(inputs, probs, predictor.decide(probs))]
+
+
+def iter_predictions(predictor: Predictor, paths: Sequence[str | Path], *, batch_size: int = 16, workers: int = 2,
+                     allow_non_frontal: bool = False, progress: bool = True
+                     ) -> Iterator[tuple[list[PredictionRecord], list[tuple[str, str]]]]:
+    """Yield ``(records, skipped)`` per batch of ``paths``; ``skipped`` holds ``(path, reason)``.
+
+    Decoding runs in ``workers`` threads (the image decoders release the GIL).
+    """
+    paths = [str(p) for p in paths]
+    with make_progress(disable=not progress) as bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        task = bar.add_task("predicting", total=len(paths))
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            loaded = list(pool.map(lambda p: try_prepare(p, predictor.spec, allow_non_frontal=allow_non_frontal),
+                                   chunk))
+            good = [x for x, _ in loaded if x is not None]
+            bad = [(p, reason) for p, (x, reason) in zip(chunk, loaded) if x is None]
+            yield predict_inputs(predictor, good), bad
+            bar.advance(task, len(chunk))
 
 
 @dataclass
@@ -35,65 +145,41 @@ class Predictions:
         return self.table[f"prob_{cls}"].to_numpy()
 
 
-def _load(path: str, allow_non_frontal: bool = False) -> tuple[str, np.ndarray | None, str | None, str | None]:
-    """(path, pixels, input sha256, error reason) for one file; never raises for bad input."""
-    from covidcxr.data import decode_xray
-
-    try:
-        data = Path(path).read_bytes()  # hash and decode the same bytes: the file is read once
-        pixels = decode_xray(data, path, allow_non_frontal=allow_non_frontal).pixels
-        return path, pixels, hashlib.sha256(data).hexdigest(), None
-    except CovidCXRError as exc:
-        return path, None, None, getattr(exc, "reason", str(exc))
-    except OSError as exc:
-        return path, None, None, f"cannot open file ({exc.strerror or exc})"
+def prediction_columns(predictor: Predictor) -> list[str]:
+    return ["path", *[f"prob_{c}" for c in predictor.classes], "predicted", "threshold", "input_sha256",
+            "model_sha256"]
 
 
-def prediction_columns(run: LoadedRun) -> list[str]:
-    return ["path", *[f"prob_{c}" for c in run.classes], "predicted", "threshold", "input_sha256", "model_sha256"]
+def records_table(predictor: Predictor, records: Sequence[PredictionRecord]) -> pd.DataFrame:
+    """Prediction records -> the prediction table (one row per image, ``prediction_columns`` order)."""
+    rows = pd.DataFrame({"path": [r.path for r in records]}, dtype=object)
+    probs = np.stack([r.probabilities for r in records]) if records else np.zeros((0, len(predictor.classes)))
+    for j, cls in enumerate(predictor.classes):
+        rows[f"prob_{cls}"] = probs[:, j].astype(float)
+    rows["predicted"] = [r.predicted for r in records]
+    rows["threshold"] = predictor.threshold
+    rows["input_sha256"] = [r.input.input_sha256 for r in records]
+    rows["model_sha256"] = predictor.model_sha256
+    return rows[prediction_columns(predictor)]
 
 
-def predict_paths(run: LoadedRun, paths: Sequence[str | Path], *, batch_size: int = 16, progress: bool = True,
-                  workers: int = 2, on_batch: Callable[[pd.DataFrame, list[tuple[str, str]]], None] | None = None,
-                  allow_non_frontal: bool = False) -> Predictions:
-    """Predict every file in ``paths`` with ``run``; bad files land in ``Predictions.skipped``.
+def predict_paths(predictor: Predictor, paths: Sequence[str | Path], *, batch_size: int = 16, progress: bool = True,
+                  workers: int = 2, allow_non_frontal: bool = False,
+                  on_batch: Callable[[list[PredictionRecord], pd.DataFrame, list[tuple[str, str]]], None] | None = None
+                  ) -> Predictions:
+    """Predict every file in ``paths``; bad files land in ``Predictions.skipped`` with the reason.
 
-    ``on_batch(rows, skipped)`` is called after each batch (e.g. to append to an output file so
-    that a killed job loses at most one batch). Decoding runs in ``workers`` threads, since the
-    image decoders release the GIL. ``allow_non_frontal`` accepts DICOMs that say they are CT /
-    lateral (refused by default, with the reason, like any unreadable file).
+    ``on_batch(records, rows, skipped)`` is called after each batch (e.g. to append to an output file
+    so that a killed job loses at most one batch, or to draw heatmaps from the records' inputs).
+    ``allow_non_frontal`` accepts DICOMs that say they are CT / lateral.
     """
-    paths = [str(p) for p in paths]
-    frames: list[pd.DataFrame] = []
-    skipped: list[tuple[str, str]] = []
-    load = partial(_load, allow_non_frontal=allow_non_frontal)
-    with make_progress(disable=not progress) as bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        task = bar.add_task("predicting", total=len(paths))
-        for start in range(0, len(paths), batch_size):
-            loaded = list(pool.map(load, paths[start : start + batch_size]))
-            good = [(p, px, h) for p, px, h, err in loaded if err is None]
-            bad = [(p, err) for p, px, h, err in loaded if err is not None]
-            rows = _predict_batch(run, good)
-            skipped.extend(bad)
-            frames.append(rows)
-            if on_batch is not None:
-                on_batch(rows, bad)
-            bar.advance(task, len(loaded))
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=prediction_columns(run))
+    frames, skipped = [], []
+    for records, bad in iter_predictions(predictor, paths, batch_size=batch_size, workers=workers,
+                                         allow_non_frontal=allow_non_frontal, progress=progress):
+        rows = records_table(predictor, records)
+        frames.append(rows)
+        skipped.extend(bad)
+        if on_batch is not None:
+            on_batch(records, rows, bad)
+    table = pd.concat(frames, ignore_index=True) if frames else records_table(predictor, [])
     return Predictions(table=table, skipped=skipped)
-
-
-def _predict_batch(run: LoadedRun, good: Iterable[tuple[str, np.ndarray, str]]) -> pd.DataFrame:
-    good = list(good)
-    if not good:
-        return pd.DataFrame(columns=prediction_columns(run))
-    batch = torch.stack([preprocess(px, run.spec) for _, px, _ in good])
-    probs = run.predict_tensor(batch)
-    rows = pd.DataFrame({"path": [p for p, _, _ in good]})
-    for j, cls in enumerate(run.classes):
-        rows[f"prob_{cls}"] = probs[:, j]
-    rows["predicted"] = run.decide(probs)
-    rows["threshold"] = run.threshold
-    rows["input_sha256"] = [h for _, _, h in good]
-    rows["model_sha256"] = run.model_sha256
-    return rows

@@ -249,21 +249,24 @@ def get_architecture(name: str) -> Architecture:
     return _timm_arch(name)
 
 
-def default_preprocess(name: str, image_size: int | None = None, channels: int = 3, intensity: str = "none",
-                       **overrides):
-    """The :class:`~covidcxr.data.preprocess.PreprocessSpec` that matches ``name``'s pretrained weights.
+def resolve_spec(spec, name: str, channels: int = 3):
+    """``spec`` with ``name``'s pretrained normalisation and the model's channel count filled in.
 
-    Mean / std come with the architecture (ImageNet statistics for torchvision, the timm
-    pretrained config otherwise, e.g. 0.5 / 0.5 for ``tf_efficientnet_lite0``), so configs need not
-    repeat them. ``image_size`` defaults to the weights' training resolution; ``overrides`` are
-    any other PreprocessSpec fields (``resize``, ``percentiles``, ...). With ``channels=1`` the
-    spec averages the three channel statistics, matching :func:`convert_stem_to_grayscale`.
+    Like timm's ``resolve_data_config``: mean / std come with the architecture (ImageNet statistics
+    for torchvision, the timm pretrained config otherwise, e.g. 0.5 / 0.5 for
+    ``tf_efficientnet_lite0``), so configs need not repeat them. ``spec`` may be a
+    :class:`~covidcxr.data.preprocess.PreprocessSpec`, a dict of its fields or None (the defaults
+    at the weights' training resolution). With ``channels=1`` the statistics are averaged,
+    matching :func:`convert_stem_to_grayscale`.
     """
     from covidcxr.data.preprocess import PreprocessSpec
 
     arch = get_architecture(name)
-    return PreprocessSpec(image_size=image_size or arch.image_size, channels=channels, mean=arch.mean,
-                          std=arch.std, intensity=intensity, **overrides)
+    if spec is None:
+        spec = PreprocessSpec(image_size=arch.image_size)
+    elif isinstance(spec, dict):
+        spec = PreprocessSpec.from_dict(spec)
+    return spec.resolve(mean=arch.mean, std=arch.std, channels=channels)
 
 
 def convert_stem_to_grayscale(model: nn.Module) -> nn.Module:

@@ -138,7 +138,7 @@ class PredictionService:
         self._model_lock = self.cam.lock if (self.cam is not None and self.cam.run is self.run) else None
         self.audit = AuditLog(settings.audit_db or default_audit_url(self.run_dir))
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="covidcxr-infer")
-        self.model_info = ModelInfo(sha256=self.run.model_sha256, architecture=self.run.record["architecture"],
+        self.model_info = ModelInfo(sha256=self.run.model_sha256, architecture=self.run.record.architecture,
                                     backend=settings.backend, onnx_sha256=getattr(self.run, "onnx_sha256", None))
         self.started = time.time()
 
@@ -147,31 +147,28 @@ class PredictionService:
         self.audit.close()
 
     def predict_bytes(self, data: bytes, filename: str | None, request_id: str, heatmap: bool) -> dict:
-        from covidcxr.data import decode_xray
-        from covidcxr.data.preprocess import preprocess
+        from covidcxr.models.predict import predict_inputs, prepare_bytes
         from covidcxr.serving.heatmap import display_layers
 
         name = filename or "upload"
-        try:
-            xray = decode_xray(data, name, allow_non_frontal=self.settings.allow_non_frontal,
-                               max_pixels=self.settings.max_pixels)
+        try:  # decoded and preprocessed once: the prediction and the heatmap share this input
+            prepared = prepare_bytes(data, name, self.run.spec, allow_non_frontal=self.settings.allow_non_frontal,
+                                     max_pixels=self.settings.max_pixels)
         except NotAChestXRayError as exc:
             reason = f"not a frontal chest X-ray: {exc.reason}"
             raise HTTPError(422, f"{name}: {reason}", audit_message=reason) from None
         except ImageReadError as exc:
             raise HTTPError(422, f"{name}: {exc.reason}", audit_message=exc.reason) from None
-        batch = preprocess(xray.pixels, self.run.spec).unsqueeze(0)
         with self._model_lock or nullcontext():
-            probs = self.run.predict_tensor(batch)
-        label = self.run.decide(probs)[0]
-        heat = self.cam.heatmap(xray.pixels) if (heatmap and self.cam is not None) else None
-        layers = display_layers(xray.pixels, heat)
-        h, w = xray.pixels.shape
+            (record,) = predict_inputs(self.run, [prepared])
+        heat = self.cam.heatmaps([prepared])[0] if (heatmap and self.cam is not None) else None
+        layers = display_layers(prepared.pixels, heat)
+        h, w = prepared.original_shape
         return dict(
             request_id=request_id, filename=filename, model=self.model_info, classes=self.run.classes,
-            probabilities={c: float(p) for c, p in zip(self.run.classes, probs[0])}, predicted=label,
-            positive_class=self.run.positive_class, threshold=self.run.threshold,
-            image=ImageInfo(format=xray.meta.get("format"), original_shape=[int(h), int(w)],
+            probabilities={c: float(p) for c, p in zip(self.run.classes, record.probabilities)},
+            predicted=record.predicted, positive_class=self.run.positive_class, threshold=self.run.threshold,
+            image=ImageInfo(format=prepared.meta.get("format"), original_shape=[int(h), int(w)],
                             width=layers["width"], height=layers["height"], image_png=layers["image_png"]),
             heatmap=Heatmap(method=self.cam.method, target_class=self.cam.target_class(),
                             heatmap_png=layers["heatmap_png"], overlay_png=layers["overlay_png"])
@@ -188,7 +185,7 @@ class PredictionService:
             "threshold": self.run.threshold,
             "preprocess": self.run.spec.to_dict(),
             "model_card": card.read_text(encoding="utf-8") if card.is_file() else None,
-            "metrics": run_metrics(self.run_dir, record),
+            "metrics": run_metrics(self.run_dir, record.info),
             "disclaimer": DISCLAIMER,
         }
 
@@ -197,14 +194,13 @@ class PredictionService:
 VALIDATION_INFO_KEYS = ("selection", "val_metrics", "threshold")
 
 
-def run_metrics(run_dir: Path, record: dict) -> dict:
+def run_metrics(run_dir: Path, info: dict) -> dict:
     """Validation metrics stored with a run.
 
     ``run.json`` info (checkpoint selection, validation metrics, threshold choice); without those,
     the last ``metrics.jsonl`` line; plus ``eval/*/metrics.json`` written by ``covidcxr evaluate``
     (named by their folder, e.g. an external test set).
     """
-    info = record.get("info") or {}
     metrics: dict = {k: info[k] for k in VALIDATION_INFO_KEYS if k in info}
     log_file = run_dir / "metrics.jsonl"
     if not metrics and log_file.is_file():

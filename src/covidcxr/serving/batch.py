@@ -32,7 +32,8 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from covidcxr.errors import ConfigError, CovidCXRError
-from covidcxr.models.run import LoadedRun, atomic_write_bytes, write_json
+from covidcxr.files import atomic_write_bytes, write_json
+from covidcxr.models.predict import Predictor
 
 #: Extensions offered to the model when walking a folder. Files named explicitly are always tried;
 #: extension-less files are included because DICOM files often have no extension.
@@ -271,9 +272,9 @@ def _done_paths(out: Path, journal: Path, skipped_file: Path, model_sha256: str)
     return done
 
 
-def predict_files(run: LoadedRun, paths: Sequence[str | Path], out: str | Path, *, batch_size: int = 16,
+def predict_files(run: Predictor, paths: Sequence[str | Path], out: str | Path, *, batch_size: int = 16,
                   resume: bool = False, overwrite: bool = False, heatmaps: str | Path | None = None,
-                  cam_run: LoadedRun | None = None, progress: bool = True, workers: int = 2,
+                  cam_run: Predictor | None = None, progress: bool = True, workers: int = 2,
                   allow_non_frontal: bool = False) -> BatchResult:
     """Predict every image in ``paths`` with ``run`` and write one row per image to ``out``.
 
@@ -303,7 +304,7 @@ def predict_files(run: LoadedRun, paths: Sequence[str | Path], out: str | Path, 
     done = _done_paths(out, journal, skipped_file, run.model_sha256) if resume else set()
     out.parent.mkdir(parents=True, exist_ok=True)
     heat_dir = Path(heatmaps) if heatmaps is not None else None
-    backend = "onnx" if getattr(run, "session", None) is not None else "torch"
+    backend = run.backend
 
     with ExitStack() as stack:
         extract_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="covidcxr-predict-")))
@@ -322,14 +323,13 @@ def predict_files(run: LoadedRun, paths: Sequence[str | Path], out: str | Path, 
         if heat_dir is not None:
             from covidcxr.serving.heatmap import HeatmapWriter
 
-            heat_writer = HeatmapWriter(cam_run if cam_run is not None else run, heat_dir,
-                                        allow_non_frontal=allow_non_frontal)
+            heat_writer = HeatmapWriter(cam_run if cam_run is not None else run, heat_dir)
 
-        def on_batch(rows: pd.DataFrame, bad: list[tuple[str, str]]) -> None:
+        def on_batch(records, rows: pd.DataFrame, bad: list[tuple[str, str]]) -> None:
             rows = rows.copy()
             if heat_dir is not None and len(rows):
-                rows["heatmap"] = heat_writer.write(rows["path"].tolist(), [inputs.name(p) for p in rows["path"]],
-                                                   rows["input_sha256"].tolist())
+                # Drawn from the inputs the prediction used: no file is decoded twice.
+                rows["heatmap"] = heat_writer.write(records, [inputs.name(r.path) for r in records])
             rows["path"] = [inputs.name(p) for p in rows["path"]]
             rows["backend"] = backend
             rows_out.append(rows.reindex(columns=columns).itertuples(index=False, name=None))

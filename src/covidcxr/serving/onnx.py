@@ -1,17 +1,18 @@
 """ONNX export of a run's model, and an ONNX Runtime backend that predicts like :class:`LoadedRun`.
 
 The exported graph takes the *preprocessed* N x C x S x S batch (dynamic N) and outputs class
-**probabilities** (softmax is part of the graph; an ensemble's ``log(mean softmax)`` goes through the
-same softmax and so yields the averaged probabilities). Preprocessing stays in Python
-(:func:`covidcxr.data.preprocess.preprocess` with the run's spec), so the PyTorch and ONNX backends
-feed the model identical tensors.
+**probabilities** (softmax is part of the graph; an ensemble's ``log(mean softmax)`` and a flip-TTA
+model go through the same softmax and so yield the averaged probabilities). Preprocessing stays in
+Python (the one pipeline of :mod:`covidcxr.data.preprocess` with the run's spec), so the PyTorch and
+ONNX backends feed the model identical tensors; :class:`OnnxRun` implements the same
+:class:`~covidcxr.models.predict.Predictor` protocol as :class:`~covidcxr.models.run.LoadedRun`.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter, default since
 torch 2.9; the TorchScript exporter is deprecated). Weights are stored inside the ``.onnx`` file
 (``external_data=False``) so one SHA-256 identifies the exported model. Exporting into the run
-directory records ``run.json["onnx"]`` = file, SHA-256, the SHA-256 of the PyTorch weights it came
-from, opset and versions; :func:`load_onnx_run` refuses an ONNX file whose hash does not match, or
-one exported from other weights than the run's current ``model.safetensors``.
+directory records ``onnx`` in the run record (file, SHA-256, the SHA-256 of the PyTorch weights it
+came from, opset and versions) through the record's one writer; :func:`load_onnx_run` refuses an
+ONNX file whose hash does not match, or one exported from other weights than the run's model.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from covidcxr.errors import CovidCXRError, WeightsError
-from covidcxr.models.run import LoadedRun, load_run, read_run_record, update_run_record
+from covidcxr.models.record import RunRecord, read_run_record, update_run_record
+from covidcxr.models.run import RunView, load_run
 from covidcxr.models.weights import sha256_file
 
 ONNX_FILE = "model.onnx"
@@ -115,66 +117,57 @@ def export_graph(model: nn.Module, path: str | Path, *, channels: int, image_siz
 
 
 @dataclass
-class OnnxRun(LoadedRun):
-    """A run whose predictions come from ONNX Runtime; same interface as :class:`LoadedRun`.
+class OnnxRun(RunView):
+    """A run whose predictions come from ONNX Runtime (the ``onnx`` backend); nothing PyTorch is loaded.
 
-    ``model`` is ``None`` (nothing PyTorch is loaded); ``model_sha256`` stays the run's model id
-    (the PyTorch weights the ONNX file was exported from) so outputs of both backends carry the same
-    model identity, and ``onnx_sha256`` names the exact ONNX file.
+    ``model_sha256`` stays the run's model id (the PyTorch weights the ONNX file was exported from), so
+    outputs of both backends carry the same model identity; ``onnx_sha256`` names the exact ONNX file.
     """
 
-    session: Any = field(default=None, repr=False)
-    onnx_path: Path | None = None
-    onnx_sha256: str = ""
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
+    run_dir: Path
+    record: RunRecord = field(repr=False)
+    session: Any = field(repr=False)
+    onnx_path: Path
+    onnx_sha256: str
+    backend: str = "onnx"
 
     def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
         x = batch.detach().cpu().float().numpy()
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32)
 
 
-def load_onnx_run(run_dir: str | Path, onnx_path: str | Path | None = None, *, threads: int | None = None,
-                  verify: bool = True) -> OnnxRun:
-    """Open ``RUN_DIR/model.onnx`` (or ``onnx_path``) with ONNX Runtime, checking its recorded SHA-256."""
+def load_onnx_run(run_dir: str | Path, onnx_path: str | Path | None = None, *, threads: int | None = None) -> OnnxRun:
+    """Open ``RUN_DIR/model.onnx`` (or ``onnx_path``) with ONNX Runtime, checking the record and the file's SHA-256."""
     import onnxruntime
-
-    from covidcxr.data.preprocess import PreprocessSpec
 
     run_dir = Path(run_dir)
     record = read_run_record(run_dir)
-    meta = record.get("onnx") or {}
-    path = Path(onnx_path) if onnx_path is not None else run_dir / meta.get("file", ONNX_FILE)
+    meta = record.onnx
+    if meta is None:
+        raise WeightsError(f"{run_dir}/run.json: no ONNX export recorded; run `covidcxr export {run_dir} --format onnx`")
+    path = Path(onnx_path) if onnx_path is not None else run_dir / meta.file
     if not path.is_file():
         raise WeightsError(f"{path}: no ONNX model; create it with `covidcxr export {run_dir} --format onnx`")
     actual = sha256_file(path)
-    if verify:
-        if not meta:
-            raise WeightsError(f"{run_dir}/run.json: no ONNX export recorded; run `covidcxr export {run_dir} --format onnx`")
-        if path.resolve() == (run_dir / meta["file"]).resolve() and actual != meta["sha256"]:
-            raise WeightsError(f"{path}: SHA-256 {actual} does not match the recorded {meta['sha256']}; "
-                               "the ONNX file was changed or corrupted. Refusing to use it; export again.")
-        if meta.get("source_model_sha256") != record["model_sha256"]:
-            raise WeightsError(f"{path}: exported from model {meta.get('source_model_sha256')}, but the run's model is "
-                               f"now {record['model_sha256']}; export again.")
+    if actual != meta.sha256:
+        raise WeightsError(f"{path}: SHA-256 {actual} does not match the recorded {meta.sha256}; "
+                           "the ONNX file was changed or corrupted. Refusing to use it; export again.")
+    if meta.source_model_sha256 != record.model_sha256:
+        raise WeightsError(f"{path}: exported from model {meta.source_model_sha256}, but the run's model is "
+                           f"now {record.model_sha256}; export again.")
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    return OnnxRun(run_dir=run_dir, model=None, spec=PreprocessSpec.from_dict(record["preprocess"]),
-                   classes=list(record["classes"]), positive_class=record.get("positive_class"),
-                   threshold=record.get("threshold"), model_sha256=record["model_sha256"], record=record,
-                   session=session, onnx_path=path, onnx_sha256=actual)
+    return OnnxRun(run_dir=run_dir, record=record, session=session, onnx_path=path, onnx_sha256=actual)
 
 
 #: How each ``--backend`` opens a run directory (registry, not an if-chain).
 BACKENDS = {"torch": lambda run_dir, **kw: load_run(run_dir), "onnx": load_onnx_run}
 
 
-def open_run(run_dir: str | Path, backend: str = "torch", **kwargs) -> LoadedRun:
-    """The run's model on ``backend`` (``torch`` or ``onnx``); both verify their file's SHA-256."""
+def open_run(run_dir: str | Path, backend: str = "torch", **kwargs):
+    """The run's :class:`~covidcxr.models.predict.Predictor` on ``backend``."""
     if backend not in BACKENDS:
         raise CovidCXRError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return BACKENDS[backend](run_dir, **kwargs)

@@ -19,12 +19,35 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from covidcxr import paths
+from covidcxr.data.preprocess import PreprocessSpec
 from covidcxr.errors import ConfigError
+
+#: Device names ``train.device`` accepts (``cuda:N`` too).
+DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo in a config must never be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo in a config must never be silently ignored. Numbers must be
+    # finite (``lr: .inf`` is refused) and a boolean is never a number (``lr: true`` is not 1.0).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data):
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and isinstance(value, bool) and not _allows_bool(field.annotation):
+                    raise ValueError(f"{name}: {value!r} is a boolean, not a number; give a number")
+        return data
+
+
+def _allows_bool(annotation) -> bool:
+    import typing
+
+    if annotation is bool:
+        return True
+    return any(_allows_bool(a) for a in typing.get_args(annotation))
 
 
 class DataConfig(_Section):
@@ -51,15 +74,6 @@ class ModelConfig(_Section):
     finetune: Literal["full", "linear", "last_k"] = "full"
     last_k: int = Field(1, ge=1)
     backbone_lr_mult: float = Field(1.0, ge=0)
-
-
-class PreprocessConfig(_Section):
-    image_size: int = Field(224, ge=32, le=1024)
-    intensity: Literal["none", "minmax", "percentile", "hist_eq", "clahe"] = "clahe"
-    resize: Literal["stretch", "letterbox"] = "stretch"
-    percentiles: tuple[float, float] = (1.0, 99.0)
-    clahe_clip: float = Field(2.0, gt=0)
-    clahe_tiles: int = Field(8, ge=1)
 
 
 class AugmentConfig(_Section):
@@ -114,13 +128,21 @@ class TrainConfig(_Section):
     channels_last: bool = True  # CUDA only
     num_workers: int = Field(0, ge=0)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     deterministic: bool = True
     threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; None: torch's default
     tensorboard: bool = False
     threshold_method: Literal["youden", "sensitivity"] = "youden"
     threshold_target: Optional[float] = Field(None, gt=0, lt=1)
     progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        kind, _, index = v.partition(":")
+        if kind not in DEVICE_TYPES or (index and not index.isdigit()) or (index and kind in ("auto", "cpu")):
+            raise ValueError(f"unknown device {v!r}; use one of auto, cpu, cuda, cuda:N, mps")
+        return v
 
     @model_validator(mode="after")
     def _threshold_target(self):
@@ -138,7 +160,7 @@ class EnsembleConfig(_Section):
 class TrainingConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    preprocess: PreprocessConfig = PreprocessConfig()
+    preprocess: PreprocessSpec = PreprocessSpec()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     ensemble: EnsembleConfig = EnsembleConfig()

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,19 @@ import pandas as pd
 from covidcxr.data.labels import get_label_space
 from covidcxr.data.manifest import Manifest
 from covidcxr.errors import ConfigError, CovidCXRError
-from covidcxr.models.run import RUN_JSON, atomic_write_bytes, save_ensemble
+from covidcxr.files import atomic_write_bytes
+from covidcxr.models.record import RUN_JSON, read_run_record
+from covidcxr.models.run import save_ensemble
 from covidcxr.training.config import TrainingConfig, dump_config, load_config
-from covidcxr.training.loop import (CHECKPOINT_DIR, LAST_CKPT, TrainingData, choose_threshold, data_counts, fit,
-                                    prepare_training_data, validation_metrics)
+from covidcxr.training.finalize import write_split
+from covidcxr.training.loop import fit
+from covidcxr.training.rows import TrainingData, data_counts, prepare_training_data
+from covidcxr.training.state import CHECKPOINT_DIR, LAST_CKPT
+from covidcxr.training.validation import choose_threshold, validation_metrics
 
 
-def assign_folds(config: TrainingConfig, manifest: Manifest, folds: int) -> tuple[Manifest, np.ndarray, dict]:
-    """``(manifest with a fold column, development mask, info)`` for ``folds`` folds."""
+def assign_folds(config: TrainingConfig, manifest: Manifest, folds: int) -> tuple[TrainingData, np.ndarray, dict]:
+    """``(training data whose manifest has a fold column, development mask, info)`` for ``folds`` folds."""
     # Validates / creates the split and applies held-out sources. data.val_max_images caps a single
     # run's val split; here val rows are development data, so uncapped (else capped-off rows are lost).
     uncapped = config.model_copy(deep=True)
@@ -46,7 +50,7 @@ def assign_folds(config: TrainingConfig, manifest: Manifest, folds: int) -> tupl
         existing = manifest.table[col].to_numpy()
         values = sorted(set(int(v) for v in existing[dev]))
         if values == list(range(folds)):
-            return manifest, dev, {"fold_column": col, "folds": folds, "folds_created_here": False}
+            return base, dev, {"fold_column": col, "folds": folds, "folds_created_here": False}
     from covidcxr.data.splits import assign_splits
 
     seed = config.data.split_seed if config.data.split_seed is not None else config.train.seed
@@ -56,8 +60,9 @@ def assign_folds(config: TrainingConfig, manifest: Manifest, folds: int) -> tupl
     fold[dev] = with_folds.table["fold"].to_numpy()
     table = manifest.table.copy()
     table[col] = fold
-    return manifest.replace(table), dev, {"fold_column": col, "folds": folds, "folds_created_here": True,
-                                          "fold_seed": seed, "over": "train+val rows"}
+    base.manifest = manifest.replace(table)
+    return base, dev, {"fold_column": col, "folds": folds, "folds_created_here": True,
+                       "fold_seed": seed, "over": "train+val rows"}
 
 
 def train_kfold(config: TrainingConfig, out_dir: str | Path, *, folds: int | None = None,
@@ -78,7 +83,8 @@ def train_kfold(config: TrainingConfig, out_dir: str | Path, *, folds: int | Non
                             "resume with the same config and overrides")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.yaml", config_text.encode())
-    manifest, dev, fold_info = assign_folds(config, manifest, folds)
+    base, dev, fold_info = assign_folds(config, manifest, folds)
+    manifest = base.manifest
     col = config.ensemble.fold_column
     fold = manifest.table[col].to_numpy()
     members = []
@@ -87,14 +93,17 @@ def train_kfold(config: TrainingConfig, out_dir: str | Path, *, folds: int | Non
         members.append(member_dir)
         if (member_dir / RUN_JSON).is_file():
             continue  # finished before an interruption
-        data = TrainingData(manifest, dev & (fold != k), dev & (fold == k), {**fold_info, "fold": k})
+        data = TrainingData(manifest, dev & (fold != k), dev & (fold == k), {**fold_info, "fold": k}, base.held_out)
         fit(config, member_dir, data=data, resume=resume and (member_dir / CHECKPOINT_DIR / LAST_CKPT).exists(),
             extra_info={"fold": k, "folds": folds})
-    return _write_ensemble(config, out_dir, members, manifest, fold_info)
+    # Every development row trained some member; the ensemble's own split says so.
+    whole = TrainingData(manifest, dev, np.zeros(len(manifest), dtype=bool), fold_info, base.held_out)
+    return _write_ensemble(config, out_dir, members, whole, fold_info)
 
 
-def _write_ensemble(config: TrainingConfig, out_dir: Path, members: list[Path], manifest: Manifest,
+def _write_ensemble(config: TrainingConfig, out_dir: Path, members: list[Path], data: TrainingData,
                     fold_info: dict) -> Path:
+    manifest = data.manifest
     space = get_label_space(config.data.label_space)
     oof = pd.concat([pd.read_csv(m / "val_predictions.csv").assign(fold=k) for k, m in enumerate(members)],
                     ignore_index=True)
@@ -108,10 +117,10 @@ def _write_ensemble(config: TrainingConfig, out_dir: Path, members: list[Path], 
         threshold, threshold_info = choose_threshold(config, y, probs[:, space.classes.index(space.positive)])
         threshold_info["chosen_on"] = "out-of-fold validation predictions"
     col = config.data.split_column  # the rows came from it, unless it was empty and the split made here ("split")
-    counts = data_counts(manifest, space, col if col in manifest.table.columns
-                         and manifest.table[col].astype(str).ne("").any() else "split")
+    col = col if col in manifest.table.columns and manifest.table[col].astype(str).ne("").any() else "split"
+    counts = data_counts(manifest, space, col)
     atomic_write_bytes(out_dir / "data_counts.csv", counts.to_csv(index=False, lineterminator="\n").encode())
-    member_info = [json.loads((m / RUN_JSON).read_text())["info"] for m in members]
+    member_info = [read_run_record(m).info for m in members]
     info = {
         "ensemble": {"kind": f"{len(members)}-fold", "folds": len(members), "combine": "mean probability", **fold_info},
         "selection": {"metric": config.train.selection_metric, "per_member": True,
@@ -132,7 +141,7 @@ def _write_ensemble(config: TrainingConfig, out_dir: Path, members: list[Path], 
         "epochs_run": [mi["epochs_run"] for mi in member_info],
         "epochs_planned": config.train.epochs,
     }
-    save_ensemble(out_dir, members, info=info, threshold=threshold)
+    save_ensemble(out_dir, members, info=info, threshold=threshold, split=write_split(out_dir, manifest, data.run_split(col)))
     from covidcxr.training.model_card import write_model_card
 
     write_model_card(out_dir)

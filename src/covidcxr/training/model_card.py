@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covidcxr.models.run import atomic_write_bytes, read_run_record
+from covidcxr.files import atomic_write_bytes
+from covidcxr.models.record import RunRecord, read_run_record
 
 SOURCE_WARNING = (
     "**Source confounding.** In public COVID-19 chest X-ray collections the label is strongly tied to "
@@ -24,8 +25,9 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
-def render_model_card(record: dict) -> str:
+def render_model_card(run_record: RunRecord) -> str:
     """The model card text for a run record (single model or ensemble)."""
+    record = run_record.model_dump(mode="json")
     info = record.get("info", {})
     sel = info.get("selection", {})
     vm = info.get("val_metrics", {})
