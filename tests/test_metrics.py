@@ -224,3 +224,145 @@ def test_select_threshold_youden_and_sensitivity():
         select_threshold(y, s, "f1max")
     with pytest.raises(CovidCXRError, match="both classes"):
         select_threshold(np.ones(5, int), np.arange(5.0))
+
+
+# ---------------------------------------------------------------- statistics fixed against R (pROC, mcnemar.test)
+
+
+def test_wilson_matches_published_values_and_closed_form():
+    # Newcombe (1998) table I, method 3 (Wilson, no continuity correction), and binom::binom.wilson(5, 10)
+    assert M.wilson_ci(0, 20) == pytest.approx((0.0, 0.1611), abs=5e-5)
+    assert M.wilson_ci(1, 29) == pytest.approx((0.0061, 0.1718), abs=5e-5)
+    assert M.wilson_ci(5, 10) == pytest.approx((0.2365931, 0.7634069), abs=5e-8)
+    assert M.wilson_ci(10, 10)[1] == 1.0 and M.wilson_ci(10, 10)[0] == pytest.approx(0.7224672, abs=5e-8)
+    # closed form (Wilson 1927), written out here independently of scipy
+    for level in (0.9, 0.95, 0.99):
+        z = stats.norm.ppf(0.5 + level / 2)
+        for n in (1, 2, 7, 30, 113):
+            for k in range(n + 1):
+                p = k / n
+                centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+                half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+                assert M.wilson_ci(k, n, level=level) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    assert all(np.isnan(M.wilson_ci(0, 0)))
+
+
+def test_confusion_counts_match_sklearn_with_one_class_present():
+    y = np.zeros(6, int)
+    pred = np.array([0, 0, 1, 0, 1, 0])
+    assert M.confusion_counts(y, pred) == {"tp": 0, "fp": 2, "tn": 4, "fn": 0}
+    assert M.confusion_counts(np.ones(3, int), np.ones(3, int)) == {"tp": 3, "fp": 0, "tn": 0, "fn": 0}
+    assert M.confusion_counts([], []) == {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+
+
+@pytest.mark.parametrize("b,c", [(25, 25), (30, 30), (26, 25), (25, 26)])
+def test_mcnemar_continuity_correction_never_below_zero(b, c):
+    """R's mcnemar.test(correct = TRUE) gives statistic 0 and p = 1 when |b - c| <= 1 (the old
+    (|b - c| - 1)^2 / (b + c) gave 1/(b + c), e.g. 0.033 and p = 0.855 for b = c = 15 + 15)."""
+    from covidcxr.evaluation.compare import mcnemar_test
+
+    a = np.r_[np.ones(b, bool), np.zeros(c, bool), np.ones(40, bool)]
+    other = np.r_[np.zeros(b, bool), np.ones(c, bool), np.ones(40, bool)]
+    res = mcnemar_test(a, other)
+    assert (res["only_a_correct"], res["only_b_correct"]) == (b, c)
+    assert res["method"] == "chi-square, continuity corrected"
+    assert res["statistic"] == 0.0 and res["p_value"] == 1.0
+
+
+def test_mcnemar_corrected_statistic_matches_r():
+    from covidcxr.evaluation.compare import mcnemar_test
+
+    # R's mcnemar.test (2 x 2, correct = TRUE): STATISTIC = (|b - c| - 1)^2 / (b + c) when b != c,
+    # chi-square with 1 df; b = 40, c = 20 -> 19^2 / 60; p = P(chi2_1 > x) = erfc(sqrt(x / 2))
+    a = np.r_[np.ones(40, bool), np.zeros(20, bool), np.ones(10, bool), np.zeros(10, bool)]
+    b = np.r_[np.zeros(40, bool), np.ones(20, bool), np.ones(10, bool), np.zeros(10, bool)]
+    res = mcnemar_test(a, b)
+    assert res["statistic"] == pytest.approx(19**2 / 60, rel=1e-12)
+    from math import erfc, sqrt
+
+    assert res["p_value"] == pytest.approx(erfc(sqrt(19**2 / 60 / 2)), rel=1e-10)
+    # below 25 discordant pairs: exact binomial, unchanged
+    small = mcnemar_test(np.r_[np.ones(8, bool), np.zeros(2, bool)], np.r_[np.zeros(8, bool), np.ones(2, bool)])
+    assert small["method"] == "exact binomial" and small["p_value"] == pytest.approx(stats.binomtest(8, 10).pvalue)
+
+
+@pytest.mark.parametrize("single", ["positive", "negative"])
+def test_delong_undefined_with_a_single_positive_or_negative(single):
+    """The DeLong variance needs the sample variance of each class's placement values: with one
+    positive (or negative) it is undefined, so no CI and no test (pROC gives NA). The old code set
+    that variance to 0 and reported e.g. a CI of 0.21-0.90 and a paired p of 0.046."""
+    import json
+
+    from covidcxr.evaluation.compare import compare_predictions
+    from covidcxr.files import dumps_json
+
+    rng = np.random.default_rng(0)
+    y = np.r_[1, np.zeros(40, int)] if single == "positive" else np.r_[0, np.ones(40, int)]
+    s = rng.normal(0, 1, len(y)) + (0.8 if single == "positive" else -0.8) * (np.arange(len(y)) == 0)
+    worse = s + rng.normal(0, 1, len(y))
+
+    est = M.auc_ci(y, s)
+    assert est.value == pytest.approx(skm.roc_auc_score(y, s))
+    assert np.isnan(est.ci_low) and np.isnan(est.ci_high)
+    assert f"single {single}" in est.note
+    d = est.to_dict()
+    assert d["ci_low"] is None and d["ci_high"] is None and "DeLong variance undefined" in d["note"]
+    assert np.isnan(M.delong_variance(y, s)[1])
+
+    test = M.delong_test(y, s, worse)
+    assert all(np.isnan(test[k]) for k in ("se", "z", "p_value", "ci_low", "ci_high"))
+    assert f"single {single}" in test["note"]
+    assert test["difference"] == pytest.approx(skm.roc_auc_score(y, s) - skm.roc_auc_score(y, worse))
+
+    thr = float(np.median(s))
+    res = M.binary_metrics(y, s, thr, n_boot=50)
+    assert res["auc"]["ci_low"] is None and "single" in res["auc"]["note"]
+    json.dumps(res, allow_nan=False)  # strict JSON: undefined values are null, not NaN
+    cmp = compare_predictions(y, s, worse, (s >= thr).astype(int), (worse >= thr).astype(int))
+    assert np.isnan(cmp["delong"]["p_value"])
+    assert json.loads(dumps_json(cmp))["delong"]["p_value"] is None
+
+
+def test_within_source_ci_undefined_when_a_source_has_a_single_positive():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(20, int), np.zeros(20, int), 1, np.zeros(15, int)]
+    src = np.array(["a"] * 40 + ["b"] * 16)
+    s = rng.normal(0, 1, len(y)) + y
+    det = M.within_source_auc_details(y, s, src)
+    rows = {r["source"]: r for r in det["per_source"]}
+    assert rows["a"]["ci_low"] is not None and "note" not in rows["a"]
+    assert rows["b"]["ci_low"] is None and rows["b"]["ci_high"] is None and "single positive" in rows["b"]["note"]
+    assert det["value"] == pytest.approx(M.within_source_auc(y, s, src))
+    assert det["ci_low"] is None and det["ci_high"] is None and "['b']" in det["note"]
+    # without source b the pooled CI is the per-source DeLong CI of a
+    only_a = M.within_source_auc_details(y[:40], s[:40], src[:40])
+    assert only_a["ci_low"] == pytest.approx(rows["a"]["ci_low"]) and "note" not in only_a
+
+
+def test_youden_tie_goes_to_the_highest_threshold_despite_float_rounding():
+    """J = 2/3 at threshold 0.8 (tpr 2/3, fpr 0) and at 0.6 (tpr 1, fpr 1/3); in floats the second
+    is 0.6666666666666667 and the first 0.6666666666666666, so a plain argmax picks 0.6. The
+    docstring promises the highest threshold among ties (fewest false positives): 0.8."""
+    y = np.array([1, 1, 0, 1, 0, 0])
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    fpr, tpr, thr = skm.roc_curve(y, s, drop_intermediate=False)
+    j = dict(zip(thr, tpr - fpr))
+    assert j[0.6] > j[0.8] and j[0.6] - j[0.8] < 1e-15  # the tie really differs in the last bit
+    assert select_threshold(y, s, "youden") == 0.8
+    # no tie: the unique maximum still wins
+    assert select_threshold(np.array([1, 1, 0, 1, 0, 0]), np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.5])) == 0.8
+
+
+def test_predictive_values_use_a_zero_ci_bound():
+    sens = {"value": 0.5, "ci_low": 0.0, "ci_high": 0.9}
+    spec = {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9}
+    out = M.predictive_values_at_prevalence(sens, spec, 0.1)
+    assert out["ppv"]["ci_low"] == 0.0  # sensitivity 0 -> PPV 0 (a falsy 0.0 bound used to be replaced by 0.5)
+
+
+def test_temperature_scaling_save_load_roundtrip(tmp_path):
+    from covidcxr.evaluation.calibration import TemperatureScaling
+
+    ts = TemperatureScaling(1.7, "val", 10, 0.5, 0.4)
+    ts.save(tmp_path)
+    assert TemperatureScaling.load(tmp_path) == ts

@@ -18,6 +18,7 @@ from scipy.special import log_softmax, softmax
 
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluation.metrics import check_binary
+from covidcxr.files import write_json
 
 CALIBRATION_JSON = "calibration.json"
 DEFAULT_BINS = 10
@@ -88,8 +89,6 @@ class TemperatureScaling:
         return float(self.transform(np.array([[1 - t, t]]))[0, 1])
 
     def save(self, run_dir: str | Path) -> Path:
-        from covidcxr.models.run import write_json
-
         path = Path(run_dir) / CALIBRATION_JSON
         write_json(path, {"method": "temperature", **asdict(self)})
         return path

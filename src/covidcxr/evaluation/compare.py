@@ -1,7 +1,9 @@
 """Paired comparisons on the same images: model vs model (DeLong + McNemar), model vs readers.
 
 McNemar uses the exact binomial test when the discordant count is below 25 (where the chi-square
-approximation is poor), otherwise chi-square with continuity correction.
+approximation is poor), otherwise chi-square with continuity correction as R's ``mcnemar.test``:
+``max(|b - c| - 1, 0)^2 / (b + c)`` (the correction never pushes the statistic below zero, so equal
+discordant counts give 0 and p = 1).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from covidcxr.errors import CovidCXRError
-from covidcxr.evaluation.metrics import DEFAULT_LEVEL, confusion_counts, delong_test, wilson_ci
+from covidcxr.evaluation.metrics import DEFAULT_LEVEL, Estimate, confusion_counts, delong_test, wilson_ci
 
 EXACT_BELOW = 25
 
@@ -37,7 +39,7 @@ def mcnemar_test(correct_a, correct_b) -> dict:
         p = float(stats.binomtest(b, n, 0.5).pvalue)
         stat, method = float(b), "exact binomial"
     else:
-        stat = (abs(b - c) - 1) ** 2 / n
+        stat = max(abs(b - c) - 1, 0) ** 2 / n
         p = float(stats.chi2.sf(stat, 1))
         method = "chi-square, continuity corrected"
     return {"only_a_correct": b, "only_b_correct": c, "both_correct": int((a & b_).sum()),
@@ -45,7 +47,11 @@ def mcnemar_test(correct_a, correct_b) -> dict:
 
 
 def compare_predictions(y_true, score_a, score_b, pred_a, pred_b, *, level: float = DEFAULT_LEVEL) -> dict:
-    """AUC difference (paired DeLong) and McNemar on decisions at each model's stored threshold."""
+    """AUC difference (paired DeLong) and McNemar on decisions at each model's stored threshold.
+
+    Where the DeLong test is undefined (a single positive or negative) its se / z / p / CI are NaN
+    (null in the JSON written by :func:`covidcxr.files.write_json`) and ``delong["note"]`` says why.
+    """
     y = np.asarray(y_true).astype(int)
     result = {"delong": delong_test(y, score_a, score_b, level=level),
               "mcnemar": mcnemar_test(np.asarray(pred_a) == y, np.asarray(pred_b) == y)}
@@ -134,9 +140,8 @@ def _sens_spec(y: np.ndarray, pred: np.ndarray, level: float) -> dict:
     c = confusion_counts(y, pred)
     out = {}
     for key, k, n in (("sensitivity", c["tp"], c["tp"] + c["fn"]), ("specificity", c["tn"], c["tn"] + c["fp"])):
-        lo, hi = wilson_ci(k, n, level=level)
-        out[key] = {"value": k / n if n else None, "ci_low": lo if n else None, "ci_high": hi if n else None,
-                    "method": "Wilson", "n": n}
+        lo, hi = wilson_ci(k, n, level=level)  # (nan, nan) when n == 0 -> None
+        out[key] = Estimate(k / n if n else float("nan"), lo, hi, "Wilson", n).to_dict()
     out["confusion"] = c
     return out
 

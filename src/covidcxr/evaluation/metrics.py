@@ -1,17 +1,24 @@
 """Discrimination and classification metrics, each with a 95 % confidence interval.
 
 * AUC: fast DeLong (Sun & Xu, IEEE SPL 2014) variance from mid-ranks, CI on the AUC scale clipped
-  to [0, 1]; paired DeLong test for two models scored on the same images.
+  to [0, 1]; paired DeLong test for two models scored on the same images. With a single positive
+  or a single negative the DeLong variance (a sample variance of one placement value) is
+  undefined: the CI / test is NaN (JSON null) with a ``note`` saying why, never a number.
+  Checked against R's pROC on its ``aSAH`` data (tests/test_proc_parity.py).
 * Within-source AUC: discrimination measured only between images of the *same* source (see
   :func:`within_source_auc`). A model that separates classes by recognising which data set an image
   came from scores high on plain AUC but not here.
-* Proportions (sensitivity, specificity, PPV, NPV, accuracy): Wilson score interval.
+* Proportions (sensitivity, specificity, PPV, NPV, accuracy): Wilson score interval (scipy's
+  ``binomtest(...).proportion_ci(method="wilson")``, no continuity correction).
 * F1, balanced accuracy, macro AUC: percentile bootstrap.
 * ``clusters=`` (e.g. patient ids) switches every interval to a cluster bootstrap that resamples
   patients, not images, because images of one patient are not independent.
 
-Point values are plain scikit-learn where scikit-learn has them; only what it lacks (DeLong,
-Wilson, within-source AUC, cluster bootstrap) is written here.
+Point values are plain scikit-learn / scipy where they have them (every AUC outside DeLong goes
+through :func:`auc_score`, i.e. ``sklearn.metrics.roc_auc_score``; confusion counts through
+``sklearn.metrics.confusion_matrix``; Wilson through scipy); only what they lack (DeLong,
+within-source AUC, cluster bootstrap) is written here. NaN -> None for JSON is
+:func:`covidcxr.files.jsonable`, the project's one rule for it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from covidcxr.errors import CovidCXRError
+from covidcxr.files import jsonable
 
 DEFAULT_LEVEL = 0.95
 DEFAULT_N_BOOT = 1000
@@ -68,9 +76,27 @@ class Estimate:
     ci_high: float
     method: str
     n: int | None = None
+    #: why the interval is missing (e.g. DeLong variance undefined); only written when set
+    note: str | None = None
 
     def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
+        """Plain dict for JSON: NaN / infinity become None (:func:`covidcxr.files.jsonable`)."""
+        d = asdict(self)
+        if d["note"] is None:
+            del d["note"]
+        return jsonable(d)
+
+
+def auc_score(y_true, scores) -> float:
+    """ROC AUC (``sklearn.metrics.roc_auc_score``); NaN when one class is absent.
+
+    The one AUC outside DeLong: bootstrap loops, within-source AUC and macro AUC all use it.
+    """
+    y = np.asarray(y_true)
+    m = int((y == 1).sum())
+    if m == 0 or m == len(y):
+        return float("nan")
+    return float(skm.roc_auc_score(y, scores))
 
 
 # ---------------------------------------------------------------- DeLong
@@ -100,14 +126,29 @@ def delong_placements(y_true, scores) -> tuple[float, np.ndarray, np.ndarray]:
 
 
 def delong_variance(y_true, scores) -> tuple[float, float]:
-    """AUC and its DeLong variance ``var(v10)/m + var(v01)/n``."""
+    """AUC and its DeLong variance ``var(v10)/m + var(v01)/n``; NaN variance with a single
+    positive or negative (see :func:`delong_undefined_reason`)."""
     auc, v10, v01 = delong_placements(y_true, scores)
     var = _var(v10) / len(v10) + _var(v01) / len(v01)
     return auc, float(var)
 
 
 def _var(x: np.ndarray) -> float:
-    return float(np.var(x, ddof=1)) if len(x) > 1 else 0.0
+    """Sample variance; NaN for a single value (undefined, as R's ``var`` gives NA)."""
+    return float(np.var(x, ddof=1)) if len(x) > 1 else float("nan")
+
+
+def delong_undefined_reason(n_positive: int, n_negative: int) -> str | None:
+    """Why the DeLong variance cannot be estimated (None when it can).
+
+    It needs the sample variance of the positives' and of the negatives' placement values, which
+    is undefined for a single value; pROC returns NA there too.
+    """
+    single = [name for name, k in (("positive", n_positive), ("negative", n_negative)) if k < 2]
+    if not single:
+        return None
+    return (f"DeLong variance undefined with a single {' and a single '.join(single)} "
+            f"(sample variance of one placement value); no CI or test")
 
 
 def auc_ci(y_true, scores, *, level: float = DEFAULT_LEVEL, clusters=None, n_boot: int = DEFAULT_N_BOOT,
@@ -116,21 +157,14 @@ def auc_ci(y_true, scores, *, level: float = DEFAULT_LEVEL, clusters=None, n_boo
     y, s = check_binary(y_true, scores)
     auc, var = delong_variance(y, s)
     if clusters is not None:
-        lo, hi = bootstrap_ci(lambda idx: _safe_auc(y[idx], s[idx]), len(y), clusters=clusters,
+        lo, hi = bootstrap_ci(lambda idx: auc_score(y[idx], s[idx]), len(y), clusters=clusters,
                               n_boot=n_boot, level=level, seed=seed)
         return Estimate(auc, lo, hi, "cluster bootstrap (patients)", len(y))
+    reason = delong_undefined_reason(int(y.sum()), int(len(y) - y.sum()))
+    if reason:
+        return Estimate(auc, float("nan"), float("nan"), "DeLong", len(y), note=reason)
     half = _z(level) * np.sqrt(var)
     return Estimate(auc, max(0.0, auc - half), min(1.0, auc + half), "DeLong", len(y))
-
-
-def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
-    """Mann-Whitney AUC from mid-ranks (fast, for bootstrap loops); NaN when one class is absent."""
-    m = int(y.sum())
-    n = len(y) - m
-    if m == 0 or n == 0:
-        return np.nan
-    ranks = stats.rankdata(s)
-    return float((ranks[y == 1].sum() - m * (m + 1) / 2) / (m * n))
 
 
 def delong_test(y_true, scores_a, scores_b, *, level: float = DEFAULT_LEVEL) -> dict:
@@ -141,11 +175,16 @@ def delong_test(y_true, scores_a, scores_b, *, level: float = DEFAULT_LEVEL) -> 
         raise CovidCXRError(f"paired DeLong test needs scores for the same images ({len(sa)} vs {len(sb)})")
     auc_a, v10a, v01a = delong_placements(y, sa)
     auc_b, v10b, v01b = delong_placements(y, sb)
-    s10 = np.cov(np.vstack([v10a, v10b])) if len(v10a) > 1 else np.zeros((2, 2))
-    s01 = np.cov(np.vstack([v01a, v01b])) if len(v01a) > 1 else np.zeros((2, 2))
-    cov = s10 / len(v10a) + s01 / len(v01a)
-    var_diff = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     diff = auc_a - auc_b
+    out = {"auc_a": auc_a, "auc_b": auc_b, "difference": diff, "n": int(len(y)),
+           "n_positive": int(len(v10a)), "n_negative": int(len(v01a)), "method": "paired DeLong"}
+    reason = delong_undefined_reason(len(v10a), len(v01a))
+    if reason:
+        # NaN (JSON null via covidcxr.files.jsonable), never a number that looks like a result
+        nan = float("nan")
+        return {**out, "ci_low": nan, "ci_high": nan, "se": nan, "z": nan, "p_value": nan, "note": reason}
+    cov = np.cov(np.vstack([v10a, v10b])) / len(v10a) + np.cov(np.vstack([v01a, v01b])) / len(v01a)
+    var_diff = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     se = np.sqrt(max(var_diff, 0.0))
     if se == 0:
         z, p = (0.0, 1.0) if diff == 0 else (np.inf * np.sign(diff), 0.0)
@@ -153,9 +192,8 @@ def delong_test(y_true, scores_a, scores_b, *, level: float = DEFAULT_LEVEL) -> 
         z = diff / se
         p = float(2 * stats.norm.sf(abs(z)))
     half = _z(level) * se
-    return {"auc_a": auc_a, "auc_b": auc_b, "difference": diff, "ci_low": diff - half, "ci_high": diff + half,
-            "se": float(se), "z": float(z), "p_value": float(p), "n": int(len(y)),
-            "n_positive": int(len(v10a)), "n_negative": int(len(v01a)), "method": "paired DeLong"}
+    return {**out, "ci_low": diff - half, "ci_high": diff + half, "se": float(se), "z": float(z),
+            "p_value": float(p)}
 
 
 def hanley_mcneil_variance(auc: float, n_pos: int, n_neg: int) -> float:
@@ -187,7 +225,7 @@ def within_source_auc(y_true, scores, sources) -> float:
         n_neg = len(ys) - n_pos
         if n_pos == 0 or n_neg == 0:
             continue
-        auc, _, _ = delong_placements(ys, s[mask])
+        auc = auc_score(ys, s[mask])
         total_wins += auc * n_pos * n_neg
         total_pairs += n_pos * n_neg
     return float(total_wins / total_pairs) if total_pairs else float("nan")
@@ -200,7 +238,8 @@ def within_source_auc_details(y_true, scores, sources, *, level: float = DEFAULT
     pairs in source s). Sources are disjoint sets of images, so their AUC estimates are independent
     and the pooled variance is ``sum_s w_s^2 Var_DeLong(AUC_s)``; the CI is normal on that scale,
     clipped to [0, 1]. (Patients never span sources, so this also holds for patient-clustered data
-    to the extent per-source DeLong does.)
+    to the extent per-source DeLong does.) A used source with a single positive or negative has no
+    DeLong variance: its CI and the pooled CI are then None, with a ``note`` naming the sources.
     """
     y, s, src = _check_sources(y_true, scores, sources)
     z = _z(level)
@@ -214,27 +253,40 @@ def within_source_auc_details(y_true, scores, sources, *, level: float = DEFAULT
                "pairs": n_pos * n_neg, "auc": None, "ci_low": None, "ci_high": None, "used": False}
         if n_pos and n_neg:
             auc, var = delong_variance(ys, s[mask])
-            half = z * np.sqrt(var)
+            half = z * np.sqrt(var)  # NaN when the variance is undefined
             row.update(auc=auc, ci_low=max(0.0, auc - half), ci_high=min(1.0, auc + half), used=True,
                        _var=var)
+            reason = delong_undefined_reason(n_pos, n_neg)
+            if reason:
+                row.update(ci_low=float("nan"), ci_high=float("nan"), note=reason)
         per_source.append(row)
     used = [r for r in per_source if r["used"]]
     total = sum(r["pairs"] for r in used)
+    note = None
     if not total:
         value = lo = hi = float("nan")
     else:
         value = sum(r["auc"] * r["pairs"] for r in used) / total
         var = sum((r["pairs"] / total) ** 2 * r["_var"] for r in used)
-        half = z * np.sqrt(var)
-        lo, hi = max(0.0, value - half), min(1.0, value + half)
+        undefined = [r["source"] for r in used if not np.isfinite(r["_var"])]
+        if undefined:
+            lo = hi = float("nan")
+            note = (f"no pooled CI: DeLong variance undefined in source(s) {undefined} "
+                    f"(a single positive or negative)")
+        else:
+            half = z * np.sqrt(var)
+            lo, hi = max(0.0, value - half), min(1.0, value + half)
     for r in per_source:
         r.pop("_var", None)
-    return {
-        "value": _none_if_nan(value), "ci_low": _none_if_nan(lo), "ci_high": _none_if_nan(hi),
+    out = {
+        "value": value, "ci_low": lo, "ci_high": hi,
         "method": "within-source AUC: pair-weighted mean of per-source AUCs, variance sum of w^2 x DeLong",
         "pairs": int(total), "sources_used": [r["source"] for r in used],
         "sources_ignored": [r["source"] for r in per_source if not r["used"]], "per_source": per_source,
     }
+    if note:
+        out["note"] = note
+    return jsonable(out)
 
 
 def _check_sources(y_true, scores, sources):
@@ -251,23 +303,19 @@ def _source_order(src: np.ndarray) -> list[str]:
     return sorted(set(src.tolist()))
 
 
-def _none_if_nan(v):
-    return None if v is None or not np.isfinite(v) else float(v)
-
-
 # ---------------------------------------------------------------- proportions / bootstrap
 
 
 def wilson_ci(successes: int, n: int, *, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; (nan, nan) when n == 0."""
+    """Wilson score interval (no continuity correction) for a binomial proportion; (nan, nan) when n == 0.
+
+    scipy's ``binomtest(k, n).proportion_ci(method="wilson")``.
+    """
+    _z(level)
     if n == 0:
         return float("nan"), float("nan")
-    z = _z(level)
-    p = successes / n
-    denom = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denom
-    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(max(0.0, ci.low)), float(min(1.0, ci.high))
 
 
 def cluster_indices(clusters) -> list[np.ndarray]:
@@ -314,10 +362,13 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *, clusters=N
 
 
 def confusion_counts(y_true, y_pred) -> dict:
+    """tp / fp / tn / fn of 0/1 labels and 0/1 decisions (``sklearn.metrics.confusion_matrix``)."""
     y = np.asarray(y_true).astype(int)
     p = np.asarray(y_pred).astype(int)
-    return {"tp": int(((y == 1) & (p == 1)).sum()), "fp": int(((y == 0) & (p == 1)).sum()),
-            "tn": int(((y == 0) & (p == 0)).sum()), "fn": int(((y == 1) & (p == 0)).sum())}
+    if len(y) == 0:
+        return {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, p, labels=[0, 1]).ravel())
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
 # name -> (successes, trials) from confusion counts: the Wilson-interval metrics
@@ -418,8 +469,12 @@ def predictive_values_at_prevalence(sensitivity: dict, specificity: dict, preval
     se, sp = sensitivity["value"], specificity["value"]
     if se is None or sp is None:
         return {"prevalence": prevalence, "ppv": None, "npv": None}
-    se_lo, se_hi = sensitivity["ci_low"] or se, sensitivity["ci_high"] or se
-    sp_lo, sp_hi = specificity["ci_low"] or sp, specificity["ci_high"] or sp
+
+    def bound(est, key, default):
+        return default if est.get(key) is None else est[key]
+
+    se_lo, se_hi = bound(sensitivity, "ci_low", se), bound(sensitivity, "ci_high", se)
+    sp_lo, sp_hi = bound(specificity, "ci_low", sp), bound(specificity, "ci_high", sp)
     method = "Bayes from sensitivity/specificity; CI from their CI bounds"
     return {
         "prevalence": prevalence,
@@ -456,7 +511,7 @@ def multiclass_metrics(y_true: Sequence[str], probs: np.ndarray, classes: Sequen
             per_class[name] = None
 
     def macro(idx):
-        vals = [_safe_auc((y_idx[idx] == k).astype(int), probs[idx, k]) for k in present]
+        vals = [auc_score((y_idx[idx] == k).astype(int), probs[idx, k]) for k in present]
         return float(np.mean(vals)) if vals and np.all(np.isfinite(vals)) else np.nan
 
     macro_value = macro(np.arange(len(y))) if present else float("nan")

@@ -23,10 +23,19 @@ def _roc(y: np.ndarray, s: np.ndarray):
     return fpr[1:], tpr[1:], thr[1:]
 
 
+#: Youden J values closer than this are ties (J differences of real data are multiples of
+#: 1 / (n_pos * n_neg), far larger; float rounding of tpr - fpr is ~1e-16)
+J_TIE_ATOL = 1e-12
+
+
 def _youden(y: np.ndarray, s: np.ndarray, target: float | None) -> float:
     fpr, tpr, thr = _roc(y, s)
-    # argmax takes the first maximum, i.e. the highest threshold among ties (fewest false positives).
-    return float(thr[int(np.argmax(tpr - fpr))])
+    j = tpr - fpr
+    # Thresholds decrease along the curve: the first J within J_TIE_ATOL of the maximum is the
+    # highest threshold among ties (fewest false positives). A plain argmax would let the last bit
+    # of float rounding pick a lower tied threshold.
+    ties = np.flatnonzero(np.isclose(j, j.max(), rtol=0.0, atol=J_TIE_ATOL))
+    return float(thr[ties[0]])
 
 
 def _sensitivity(y: np.ndarray, s: np.ndarray, target: float | None) -> float:
@@ -60,7 +69,8 @@ THRESHOLD_METHODS: dict[str, Callable[[np.ndarray, np.ndarray, float | None], fl
 def select_threshold(y_true, scores, method: str = "youden", target: float | None = None) -> float:
     """Threshold on the positive-class score chosen on validation data.
 
-    * ``'youden'``: maximises Youden's J = sensitivity + specificity - 1.
+    * ``'youden'``: maximises Youden's J = sensitivity + specificity - 1; among tied J (equal
+      within ``J_TIE_ATOL``) the highest threshold, i.e. the fewest false positives.
     * ``'sensitivity'``: the highest threshold whose sensitivity reaches ``target`` (e.g. 0.95).
     * ``'specificity'``: the lowest threshold whose specificity stays at or above ``target``.
 
