@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ def test_shared_data_audit_flags_source_confounding(split_manifest, monkeypatch)
     # Warm: the hashes come from the cache (keyed by content), nothing is decoded again.
     cache = paths.cache_dir() / "phash" / f"{HASH_VERSION}.sqlite"
     assert cache.is_file()
-    import covidcxr.data.audit as audit
+    import covidcxr.data.audit.duplicates as audit
 
     def no_decoding(*a, **k):
         raise AssertionError("warm cache must not decode images")
@@ -160,3 +161,31 @@ def test_audit_cli_json_and_exit_code(split_manifest, tmp_path):
     bad = Manifest(leaky, root=split_manifest.root).write(tmp_path / "leaky.csv")
     result = runner.invoke(app, ["data", "audit", str(bad), "--no-duplicates"])
     assert result.exit_code == 1 and "patient_overlap" in result.output
+
+
+def test_audit_refuses_images_outside_the_data_root(split_manifest, tmp_path):
+    import pytest
+
+    from covidcxr.errors import ManifestError
+
+    rows = _sample(split_manifest, 1)
+    rows["image"] = [str(p) for p in Manifest(rows, root=split_manifest.root).image_paths()]  # in the data root
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET token=abc\n")
+    evil = rows.iloc[0].copy()
+    evil.update({"image": str(secret), "patient_id": "x:1"})
+    folder = tmp_path / "data"
+    folder.mkdir()
+    m = Manifest(pd.concat([rows, evil.to_frame().T], ignore_index=True), root=folder)
+    path = m.write(folder / "m.csv")
+    with pytest.raises(ManifestError, match=f"m.csv row {len(rows) + 1}, column 'image'.*outside the data root"):
+        audit_manifest(Manifest.read(path), progress=False)
+    assert audit_manifest(Manifest.read(path), duplicates=False, progress=False).ok  # tables only: nothing is opened
+    runner = CliRunner()
+    refused = runner.invoke(app, ["data", "audit", str(path)])
+    assert refused.exit_code != 0 and isinstance(refused.exception, ManifestError)
+    allowed = runner.invoke(app, ["data", "audit", str(path), "--allow-outside-root", "--json", str(tmp_path / "a.json")])
+    assert allowed.exit_code == 0, allowed.output
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert [Path(u["image"]).resolve() for u in report["unreadable"]] == [secret.resolve()]
+    assert "TOPSECRET" not in (tmp_path / "a.json").read_text() and "TOPSECRET" not in allowed.output

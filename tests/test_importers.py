@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from covidcxr.cli import app
 from covidcxr.data.importers import IMPORTERS, import_dataset, label_from_finding, skipped_path
 from covidcxr.data.manifest import Manifest
-from covidcxr.errors import ConfigError
+from covidcxr.errors import ConfigError, ManifestError
 
 
 def _images(data_root: Path, folder: str, n: int) -> list[Path]:
@@ -232,3 +232,189 @@ def test_byte_identical_copies_are_skipped_with_the_kept_file_named(data_root, t
     result = import_dataset("folders", root, progress=False)
     assert len(result.manifest) == 2
     assert len(result.skipped) == 2 and result.skipped["reason"].str.startswith("identical file content to").all()
+
+
+# ---------------------------------------------------------------- hardening (red-team issue)
+def _minimal_layout(data_root: Path, tmp_path: Path, n: int = 3) -> Path:
+    """A data folder with ``n`` real shared images (copied) and the minimal manifest columns."""
+    folder = tmp_path / "minimal"
+    (folder / "images").mkdir(parents=True)
+    src = _images(data_root, "nih/normal", n - 1) + _images(data_root, "ieee8023/covid", 1)
+    rows = []
+    for k, p in enumerate(src):
+        shutil.copy(p, folder / "images" / f"{k}.jpg")
+        rows.append({"image": f"images/{k}.jpg", "label": "covid" if "ieee8023" in str(p) else "normal",
+                     "patient_id": f"t:{k}", "source": "test"})
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    return folder
+
+
+def test_minimal_manifest_without_finding_column_imports(data_root, tmp_path):
+    folder = _minimal_layout(data_root, tmp_path)
+    assert pd.read_csv(folder / "manifest.csv").columns.tolist() == ["image", "label", "patient_id", "source"]
+    out = tmp_path / "out" / "m.csv"
+    result = import_dataset("covidcxr", folder / "manifest.csv", out=out, progress=False)
+    assert len(result.manifest) == 3 and result.skipped.empty
+    assert "finding" not in result.manifest.table.columns
+    label_map = tmp_path / "map.yaml"  # a finding rule on a manifest without findings matches nothing
+    label_map.write_text("rules:\n  - {finding: covid, class: other}\n  - {label: normal, class: pneumonia}\n")
+    mapped = import_dataset("covidcxr", folder, label_map=label_map, progress=False).manifest.table
+    assert sorted(mapped["label"]) == ["covid", "pneumonia", "pneumonia"]
+    cli = CliRunner().invoke(app, ["data", "import", "covidcxr", str(folder / "manifest.csv"), "--out", str(out)])
+    assert cli.exit_code == 0, cli.output
+    assert len(Manifest.read(out)) == 3
+
+
+def test_an_option_the_importer_does_not_take_is_an_error(data_root, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from covidcxr import cli
+    from covidcxr.data.importers import register_importer
+
+    folder = _minimal_layout(data_root, tmp_path, n=2)
+    with pytest.raises(ConfigError, match="importer 'covidcxr' does not take option --source"):
+        import_dataset("covidcxr", folder, source="mine", progress=False)
+    with pytest.raises(ConfigError, match="importer 'ieee8023' does not take option --labels"):
+        import_dataset("ieee8023", folder, labels="x.csv", progress=False)
+    monkeypatch.setattr(sys, "argv", ["covidcxr", "data", "import", "folders", str(folder), "--out",
+                                      str(tmp_path / "o.csv"), "--labels", str(folder / "manifest.csv")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "importer 'folders' does not take option --labels" in err and "Traceback" not in err
+    assert not (tmp_path / "o.csv").exists()
+    with pytest.raises(TypeError, match="no \\*args / \\*\\*kwargs"):
+        register_importer("sloppy")(lambda path, **_: None)
+    assert "sloppy" not in IMPORTERS
+
+
+def test_import_refuses_images_outside_the_data_root(data_root, tmp_path):
+    folder = _minimal_layout(data_root, tmp_path, n=2)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:TOPSECRET-PASSWORD\n")
+    ok = pd.read_csv(folder / "manifest.csv")
+    evil = pd.DataFrame([{"image": "../secret.txt", "label": "covid", "patient_id": "e:1", "source": "e"},
+                         {"image": "/etc/passwd", "label": "covid", "patient_id": "e:2", "source": "e"},
+                         {"image": "/proc/self/environ", "label": "covid", "patient_id": "e:3", "source": "e"}])
+    pd.concat([ok, evil]).to_csv(folder / "evil.csv", index=False)
+    out = tmp_path / "out.csv"
+    with pytest.raises(ManifestError) as err:
+        import_dataset("covidcxr", folder / "evil.csv", out=out, progress=False)
+    msg = str(err.value)
+    assert "evil.csv row 3" in msg and "'../secret.txt'" in msg and "3 row(s)" in msg and "--allow-outside-root" in msg
+    assert not out.exists()
+    # Explicitly allowed: they are tried, fail as images, and the reasons quote nothing of their content.
+    result = import_dataset("covidcxr", folder / "evil.csv", out=out, allow_outside_root=True, progress=False)
+    assert len(result.manifest) == 2 and len(result.skipped) == 3
+    reasons = " ".join(result.skipped["reason"]) + skipped_path(out).read_text()
+    assert "TOPSECRET" not in reasons and "root:x" not in reasons and "PATH=" not in reasons
+    # Other formats: a metadata file name climbing out of the repository names its row.
+    repo = _ieee_layout(data_root, tmp_path)
+    meta = pd.read_csv(repo / "metadata.csv", dtype=str, keep_default_na=False)
+    meta.loc[2, "filename"] = "../../secret.txt"
+    meta.to_csv(repo / "metadata.csv", index=False)
+    with pytest.raises(ManifestError, match=r"metadata.csv row 3: image .*secret.txt.* outside the data root"):
+        import_dataset("ieee8023", repo, progress=False)
+
+
+def test_symlinks_out_of_the_folder_are_refused(data_root, tmp_path, monkeypatch):
+    from covidcxr import paths
+
+    monkeypatch.setenv(paths.DATA_ROOT_ENV, str(tmp_path / "configured"))  # the shared folder is "elsewhere" here
+    root = tmp_path / "chest_xray"
+    (root / "train" / "NORMAL").mkdir(parents=True)
+    src = _images(data_root, "kermany/normal", 2)
+    shutil.copy(src[0], root / "train" / "NORMAL" / "IM-0001-0001.jpeg")
+    (root / "train" / "NORMAL" / "IM-0002-0001.jpeg").symlink_to(src[1])
+    with pytest.raises(ManifestError, match="file train/NORMAL/IM-0002-0001.jpeg: image .* outside the data root"):
+        import_dataset("folders", root, progress=False)
+    assert len(import_dataset("folders", root, allow_outside_root=True, progress=False).manifest) == 2
+
+
+def test_csv_outputs_are_spreadsheet_safe_and_nul_bytes_refused(data_root, tmp_path):
+    folder = _minimal_layout(data_root, tmp_path)
+    t = pd.read_csv(folder / "manifest.csv")
+    t["patient_id"] = ['=HYPERLINK("http://evil.example","open")', "+t:1", "@t:2"]
+    t["notes"] = ["-5", "ok", "=1+1"]
+    t.to_csv(folder / "manifest.csv", index=False)
+    out = tmp_path / "m.csv"
+    import_dataset("covidcxr", folder, out=out, progress=False)
+    raw = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert raw["patient_id"].str.startswith("'").all() and raw["notes"].tolist() == ["'-5", "ok", "'=1+1"]
+    assert Manifest.read(out).table["patient_id"].tolist() == t["patient_id"].tolist()  # read back exactly
+    # A NUL byte in a covidcxr manifest is refused, naming row and column ...
+    t.loc[1, "notes"] = "bad\x00note"
+    t.to_csv(folder / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match=r"row 2, column 'notes': contains a NUL byte"):
+        import_dataset("covidcxr", folder, progress=False)
+    # ... and a source's metadata row holding one is skipped with that reason.
+    repo = _ieee_layout(data_root, tmp_path)
+    meta = pd.read_csv(repo / "metadata.csv", dtype=str, keep_default_na=False)
+    meta.loc[0, "sex"] = "M\x00"
+    meta.to_csv(repo / "metadata.csv", index=False)
+    result = import_dataset("ieee8023", repo, progress=False)
+    assert "column 'sex' contains a NUL byte" in " ".join(result.skipped["reason"]) and len(result.manifest) == 2
+
+
+def test_duplicated_column_in_source_metadata_is_an_error(data_root, tmp_path):
+    repo = _ieee_layout(data_root, tmp_path)
+    text = (repo / "metadata.csv").read_text().splitlines()
+    (repo / "metadata.csv").write_text("\n".join([text[0] + ",finding"] + [line + ",x" for line in text[1:]]) + "\n")
+    with pytest.raises(ManifestError, match="column 'finding' appears more than once"):
+        import_dataset("ieee8023", repo, progress=False)
+
+
+def test_age_out_of_range_in_an_import_names_the_row(data_root, tmp_path):
+    repo = _ieee_layout(data_root, tmp_path)
+    meta = pd.read_csv(repo / "metadata.csv", dtype=str, keep_default_na=False)
+    meta.loc[1, "age"] = "999"
+    meta.to_csv(repo / "metadata.csv", index=False)
+    with pytest.raises(ManifestError, match=r"^metadata.csv row 2, column 'age': '999' is not an age between 0 and 120"):
+        import_dataset("ieee8023", repo, progress=False)
+
+
+def test_one_frontal_view_rule_for_every_format(data_root, tmp_path):
+    import pydicom
+
+    folder = _minimal_layout(data_root, tmp_path)
+    t = pd.read_csv(folder / "manifest.csv")
+    t["view"] = ["PA", "LL", "RAO"]  # DICOM ViewPosition codes of the reader's NON_FRONTAL_VIEWS
+    t.to_csv(folder / "manifest.csv", index=False)
+    result = import_dataset("covidcxr", folder, progress=False)
+    assert result.manifest.table["view"].tolist() == ["PA"]
+    assert sorted(result.skipped["reason"]) == ["view LL: not frontal (lateral)", "view RAO: not frontal (oblique)"]
+    # DICOM without decoding (--no-check-images): the header's lateral view is still refused.
+    root = tmp_path / "dicoms"
+    root.mkdir()
+    ds = pydicom.dcmread(data_root / "dicom" / "RG1_UNCR.dcm")
+    ds.ViewPosition = "LL"
+    ds.save_as(root / "lateral.dcm")
+    shutil.copy(data_root / "dicom" / "RG1_J2KI.dcm", root / "chest.dcm")
+    pd.DataFrame({"file": ["lateral.dcm", "chest.dcm"], "label": ["covid", "normal"]}).to_csv(root / "labels.csv", index=False)
+    quick = import_dataset("dicom", root, check_images=False, progress=False)
+    assert quick.manifest.table["view"].tolist() == ["PA"]
+    assert quick.skipped["reason"].tolist() == ["view LL: not frontal (lateral)"]
+
+
+@pytest.mark.parametrize("reader_has_read_file_bytes", [True, False])
+def test_fifo_and_folder_rows_are_skipped_without_opening_them(data_root, tmp_path, monkeypatch,
+                                                               reader_has_read_file_bytes):
+    import os
+
+    from covidcxr.data import io
+
+    if not reader_has_read_file_bytes:
+        monkeypatch.delattr(io, "read_file_bytes", raising=False)
+    folder = _minimal_layout(data_root, tmp_path, n=2)
+    os.mkfifo(folder / "images" / "pipe.jpg")  # reading it would block forever
+    (folder / "images" / "dir.jpg").mkdir()
+    t = pd.read_csv(folder / "manifest.csv")
+    extra = pd.DataFrame([t.iloc[0].to_dict() | {"image": "images/pipe.jpg", "patient_id": "t:8"},
+                          t.iloc[0].to_dict() | {"image": "images/dir.jpg", "patient_id": "t:9"},
+                          t.iloc[0].to_dict() | {"image": "images/gone.jpg", "patient_id": "t:10"}])
+    pd.concat([t, extra]).to_csv(folder / "manifest.csv", index=False)
+    result = import_dataset("covidcxr", folder, progress=False)
+    assert len(result.manifest) == 2
+    reasons = dict(zip(result.skipped["image"].map(lambda p: Path(p).name), result.skipped["reason"]))
+    assert set(reasons) == {"pipe.jpg", "dir.jpg", "gone.jpg"} and reasons["gone.jpg"] == "file not found"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -178,3 +182,110 @@ def test_table_values_are_normalised_without_touching_numeric_extras(shared_mani
     assert m.table["sex"].tolist() == ["", "", "", "F"]
     assert m.table["patient_id"].tolist() == ["7", "7", "p:3", "p:4"]
     assert m.table["score"].dtype == float
+
+
+# ---------------------------------------------------------------- untrusted manifest files (red-team issue)
+def _write_rows(path, shared_manifest, n=4, **columns):
+    """A small manifest CSV at ``path`` whose images are real shared images (absolute paths)."""
+    t = shared_manifest.table.head(n).drop(columns="age_years").copy()
+    t["image"] = [str(p) for p in shared_manifest.image_paths()[:n]]
+    for col, values in columns.items():
+        t[col] = values
+    t.to_csv(path, index=False)
+    return t
+
+
+@pytest.mark.parametrize("age", ["-5", "999", "130+", "100-130", "- 3", "200 years"])
+def test_age_outside_0_to_120_names_the_row(shared_manifest, tmp_path, age):
+    path = tmp_path / "manifest.csv"
+    _write_rows(path, shared_manifest, age=["33", "50+", age, ""])
+    with pytest.raises(ManifestError) as err:
+        Manifest.read(path)
+    msg = str(err.value)
+    assert "row 3" in msg and "'age'" in msg and repr(age) in msg and "between 0 and 120" in msg
+
+
+def test_real_age_forms_stay_valid(shared_manifest, tmp_path):
+    # The shared data's forms (plain numbers, Figure1 '50+' / '67+', 'early 40s') plus DICOM-style units.
+    assert shared_manifest.table["age_years"].dropna().between(0, 120).all()
+    path = tmp_path / "manifest.csv"
+    _write_rows(path, shared_manifest, n=8, age=["0", "120", "50+", "early 40s", "18M", "6 months", "adult", ""])
+    m = Manifest.read(path)
+    assert m.table["age_years"].tolist()[:6] == [0, 120, 50, 42, 1.5, 0.5]
+    assert m.table["age_years"].iloc[6:].isna().all() and m.table["age"].iloc[6] == "adult"
+
+
+def test_duplicated_column_is_an_error_naming_it(shared_manifest, tmp_path):
+    path = tmp_path / "manifest.csv"
+    _write_rows(path, shared_manifest)
+    lines = path.read_text().splitlines()
+    lines = [lines[0] + ",sex"] + [line + ",F" for line in lines[1:]]  # pandas would call it 'sex.1'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match=r"column 'sex' appears more than once"):
+        Manifest.read(path)
+
+
+def test_nul_byte_in_a_cell_is_refused_naming_row_and_column(shared_manifest, tmp_path):
+    path = tmp_path / "manifest.csv"
+    _write_rows(path, shared_manifest, patient_id=["a:1", "a:2", "a:\x003", "a:4"])
+    with pytest.raises(ManifestError) as err:
+        Manifest.read(path)
+    assert "row 3" in str(err.value) and "'patient_id'" in str(err.value) and "NUL byte" in str(err.value)
+
+
+def test_formula_cells_are_neutralised_on_write_and_restored_on_read(shared_manifest, tmp_path):
+    tricky = ['=HYPERLINK("http://evil","x")', "+1", "@SUM(A1)", "-5"]
+    src = tmp_path / "in.csv"
+    _write_rows(src, shared_manifest, patient_id=tricky, notes=["'=already quoted", "\tTAB", " =spaced", "plain"])
+    m = Manifest.read(src)
+    out = m.write(tmp_path / "out.csv")
+    raw = pd.read_csv(out, dtype=str, keep_default_na=False)
+    for col in ("patient_id", "notes"):
+        assert not raw[col].str.match(r"^\s*[=+\-@\t\r]").any(), raw[col].tolist()
+    assert raw["patient_id"].tolist()[0] == "'" + tricky[0] and raw["patient_id"].iloc[3] == "'-5"
+    back = Manifest.read(out)
+    assert back.table["patient_id"].tolist() == tricky  # exact round trip
+    assert back.table["notes"].tolist() == m.table["notes"].tolist()
+    assert back.sha256() == Manifest.read(back.write(tmp_path / "again.csv")).sha256()
+    assert raw["offset_days"].tolist() == m.table["offset_days"].map(lambda v: "" if pd.isna(v) else f"{v:.10g}").tolist()
+
+
+def test_paths_outside_the_data_root_are_refused(shared_manifest, tmp_path, monkeypatch):
+    from covidcxr import paths
+
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    real = shared_manifest.image_paths()[:2]
+    monkeypatch.setenv(paths.DATA_ROOT_ENV, str(tmp_path / "configured-data-root"))  # not the shared folder
+    shutil.copy(real[0], folder / "images" / "a.jpg")
+    (folder / "images" / "link.jpg").symlink_to(real[1])  # a symlink pointing out of the folder
+    (tmp_path / "secret.txt").write_text("password")
+    rows = shared_manifest.table.head(1).drop(columns="age_years")
+    inside = rows.assign(image="images/a.jpg")
+    pd.DataFrame(inside).to_csv(folder / "ok.csv", index=False)
+    ok = Manifest.read(folder / "ok.csv")
+    assert ok.image_paths(check_root=True) == ok.image_paths()
+    for bad, row in [("../secret.txt", 2), (str(tmp_path / "secret.txt"), 2), ("/proc/self/environ", 2),
+                     ("images/link.jpg", 2)]:
+        t = pd.concat([inside, rows.assign(image=bad, patient_id="x:9")], ignore_index=True)
+        t.to_csv(folder / "m.csv", index=False)
+        m = Manifest.read(folder / "m.csv")  # reading the table is fine; opening its files is not
+        with pytest.raises(ManifestError) as err:
+            m.image_paths(check_root=True)
+        assert f"m.csv row {row}" in str(err.value) and repr(bad) in str(err.value) and "allow_outside_root" in str(err.value)
+    # The configured data root counts as inside: manifests written elsewhere point into it.
+    monkeypatch.setenv(paths.DATA_ROOT_ENV, str(Path(os.path.realpath(real[1])).parent))
+    m.check_paths_inside_root()
+    assert m.image_paths(check_root=True)[1].resolve() == Path(os.path.realpath(real[1]))
+
+
+def test_written_manifest_pointing_into_the_shared_data_passes_the_check(shared_manifest, tmp_path):
+    small = shared_manifest.subset(mask=np.arange(len(shared_manifest)) < 10)
+    back = Manifest.read(small.write(tmp_path / "runs" / "data" / "m.csv"))  # paths ../../../shared/...
+    back.check_paths_inside_root()
+    merged = Manifest.concat([back.subset(mask=np.arange(10) < 5), small.subset(mask=np.arange(10) >= 5)])
+    assert merged.root == Path("/")  # but the parts' folders are what the check uses
+    merged.check_paths_inside_root()
+    evil = Manifest.concat([Manifest(small.table.head(1).assign(image="/etc/hostname"), root=tmp_path)])
+    with pytest.raises(ManifestError, match="outside the data root"):
+        evil.check_paths_inside_root()

@@ -142,8 +142,27 @@ def write_csv(path, df, *, fsync: bool = True, **to_csv_kwargs) -> Path:
     """Write ``df`` as UTF-8 CSV atomically (see :func:`atomic_write_bytes`), neutralised with
     :func:`csv_safe` (formula prefixes quoted, NUL bytes removed). ``to_csv_kwargs`` go to
     ``DataFrame.to_csv`` (default ``index=False``, ``lineterminator="\\n"``). Returns the path."""
+    import csv
+
     path = Path(path)
     kwargs = {"index": False, "lineterminator": "\n"} | to_csv_kwargs
-    data = csv_safe(df).to_csv(**kwargs)
+    safe = csv_safe(df)
+    # A bare CR inside a cell is not quoted by the csv module when the line terminator is "\n", and
+    # readers take it as a line break (a forged row); quote every text cell when one holds a CR.
+    if "quoting" not in kwargs and _has_cr(safe):
+        kwargs["quoting"] = csv.QUOTE_NONNUMERIC
+    data = safe.to_csv(**kwargs)
     atomic_write_bytes(path, data.encode("utf-8"), fsync=fsync)
     return path
+
+
+def _has_cr(df) -> bool:
+    import pandas as pd
+
+    if any("\r" in str(c) for c in df.columns):
+        return True
+    for i in range(df.shape[1]):
+        col = df.iloc[:, i]
+        if not pd.api.types.is_numeric_dtype(col) and col.map(lambda v: isinstance(v, str) and "\r" in v).any():
+            return True
+    return False

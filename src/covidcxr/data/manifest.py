@@ -21,6 +21,13 @@ Columns (always present after validation):
 
 Other columns (``finding``, ``license``, ``notes``, ``fold``, ...) are kept as they are. Unknown
 text values are empty strings (not NaN) so that group-bys and CSV round trips keep them.
+
+Files are untrusted input: a CSV with a column named twice, a NUL byte in a cell or an age outside
+0-120 years is refused (naming the row / column); CSV files are written with
+:func:`covidcxr.files.write_csv` (cells starting with ``= + - @`` are quoted so a spreadsheet does not
+run them; :meth:`Manifest.read` undoes that exactly). Image paths may point anywhere, but
+:meth:`Manifest.check_paths_inside_root` / ``image_paths(check_root=True)`` refuse any that resolve
+(after symlinks) outside the manifest's folder and the configured data root, before a file is opened.
 """
 
 from __future__ import annotations
@@ -29,49 +36,18 @@ import hashlib
 import io
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from covidcxr.data.validation import (  # noqa: F401  (re-exported: the manifest contract's names)
+    AGE_RANGE, DERIVED_COLUMNS, LABELS, MUST_HAVE, NUMERIC_COLUMNS, OPTIONAL_TEXT, REQUIRED_COLUMNS, SPLITS,
+    age_problem, outside_roots, parse_age, read_csv_table, validate_table,
+)
 from covidcxr.errors import ManifestError
-
-#: The labels a manifest row may carry (label spaces map them to training classes).
-LABELS = ("covid", "normal", "pneumonia", "other")
-#: Values of the ``split`` column; ``""`` means "not assigned yet".
-SPLITS = ("train", "val", "test", "external")
-#: Columns a manifest file must have.
-MUST_HAVE = ("image", "label", "patient_id", "source")
-#: Columns filled with "unknown" when a file lacks them.
-OPTIONAL_TEXT = ("view", "sex", "age", "split")
-REQUIRED_COLUMNS = ("image", "label", "patient_id", "source", "view", "sex", "age", "offset_days", "split")
-#: Derived columns (recomputed on read, never trusted from the file).
-DERIVED_COLUMNS = ("age_years",)
-#: Columns that hold numbers; everything else is text.
-NUMERIC_COLUMNS = ("offset_days", "age_years")
-
-_AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:(\+)|-\s*(\d+(?:\.\d+)?))?\s*[a-zA-Z]*\s*$")
-_DECADE_RE = re.compile(r"^\s*(early|mid|late)?\s*(\d0)'?s\s*$", re.IGNORECASE)
-_DECADE_OFFSET = {"early": 2.0, "mid": 5.0, "late": 8.0, None: 5.0}
-
-
-def parse_age(value) -> float:
-    """Numeric age in years from a source's age string: ``'33'`` -> 33, ``'50+'`` -> 50 (lower
-    bound), ``'40-50'`` -> 45 (midpoint), ``'early 40s'`` -> 42, ``''`` / unparseable -> NaN."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return float("nan")
-    decade = _DECADE_RE.match(str(value))
-    if decade:  # "early 40s" -> 42, "40s" -> 45
-        return float(decade.group(2)) + _DECADE_OFFSET[decade.group(1) and decade.group(1).lower()]
-    m = _AGE_RE.match(str(value))
-    if not m:
-        return float("nan")
-    low = float(m.group(1))
-    if m.group(3) is not None:
-        return (low + float(m.group(3))) / 2
-    return low
 
 
 def patient_prefix(patient_id: str) -> str:
@@ -93,9 +69,14 @@ class Manifest:
     table: pd.DataFrame
     root: Path
     name: str = "manifest"  # used in error messages (usually the file name)
+    #: Folders image files must lie in (:meth:`check_paths_inside_root`); ``None``: ``(root,)``.
+    #: :meth:`concat` keeps its parts' folders here, since its own ``root`` may be ``/``.
+    data_roots: tuple[Path, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.root = Path(self.root)
+        if self.data_roots is not None:
+            self.data_roots = tuple(Path(r) for r in self.data_roots)
         self.table = validate_table(self.table, name=self.name)
 
     # ------------------------------------------------------------------ I/O
@@ -105,13 +86,15 @@ class Manifest:
         path = Path(path)
         if not path.is_file():
             raise ManifestError(f"{path}: manifest file not found")
-        try:
-            if path.suffix.lower() == ".parquet":
+        if path.suffix.lower() == ".parquet":
+            try:
                 table = pd.read_parquet(path)
-            else:
-                table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (ValueError, OSError, ImportError, pd.errors.ParserError) as exc:
-            raise ManifestError(f"{path}: cannot be read as a manifest ({exc})") from exc
+            except (ValueError, OSError, ImportError) as exc:
+                raise ManifestError(f"{path}: cannot be read as a manifest ({exc})") from exc
+        else:
+            from covidcxr.files import csv_unquote
+
+            table = csv_unquote(read_csv_table(path, what="a manifest"))
         return cls(table, root=path.resolve().parent, name=path.name)
 
     def write(self, path: str | Path) -> Path:
@@ -120,7 +103,7 @@ class Manifest:
         Image paths are rewritten relative to the output file's folder, so the written manifest
         stays valid wherever it is placed. Returns the path written.
         """
-        from covidcxr.files import atomic_write_bytes
+        from covidcxr.files import atomic_write_bytes, write_csv
 
         path = Path(path)
         out_dir = path.resolve().parent
@@ -134,9 +117,8 @@ class Manifest:
             except ImportError as exc:
                 raise ManifestError(f"{path}: writing Parquet needs pyarrow; write a .csv instead") from exc
             atomic_write_bytes(path, buf.getvalue())
-        else:
-            data = table.to_csv(index=False, lineterminator="\n", float_format="%.10g")
-            atomic_write_bytes(path, data.encode("utf-8"))
+        else:  # spreadsheet-safe: '=...' cells quoted, read() restores them
+            write_csv(path, table, float_format="%.10g")
         return path
 
     # ------------------------------------------------------------------ access
@@ -147,13 +129,45 @@ class Manifest:
         counts = self.table["label"].value_counts().to_dict()
         return f"Manifest({self.name!r}, {len(self)} images, {self.table['patient_id'].nunique()} patients, {counts})"
 
-    def image_paths(self) -> list[Path]:
-        """Absolute paths of the images, in table order."""
+    def image_paths(self, check_root: bool = False) -> list[Path]:
+        """Absolute paths of the images, in table order.
+
+        ``check_root=True``: first :meth:`check_paths_inside_root` (raise :class:`ManifestError` if
+        any image resolves outside the data root). Use it wherever the files are then opened."""
+        if check_root:
+            self.check_paths_inside_root()
         return [_resolve(self.root, p) for p in self.table["image"]]
+
+    def allowed_roots(self) -> list[Path]:
+        """Folders (resolved) the images may lie in: the manifest's folder (:attr:`data_roots`) and the
+        configured data root (``$COVIDCXR_DATA_ROOT``, default ``../shared/data/cxr``), which is where
+        manifests written elsewhere (``runs/data/split.csv``) point."""
+        from covidcxr.paths import data_root
+
+        roots = [Path(os.path.realpath(r)) for r in (self.data_roots or (self.root,))]
+        return list(dict.fromkeys(roots + [Path(os.path.realpath(data_root()))]))
+
+    def check_paths_inside_root(self) -> None:
+        """Raise :class:`ManifestError` naming the first row and path whose image resolves (after
+        symlinks, ``..``) outside :meth:`allowed_roots`, e.g. ``../../etc/passwd`` or ``/proc/self/environ``.
+
+        Call it before opening a manifest's files when the manifest may come from someone else;
+        opening them anyway is the caller's explicit choice (``allow_outside_root=True`` in covidcxr's
+        functions, ``--allow-outside-root`` on the command line). Nothing is opened here."""
+        roots = self.allowed_roots()
+        paths = [_resolve(self.root, p) for p in self.table["image"]]
+        bad = outside_roots(paths, roots)
+        if bad:
+            k = bad[0]
+            raise ManifestError(f"{self.name} row {k + 1}, column 'image': {self.table['image'].iloc[k]!r} resolves to "
+                                f"{os.path.realpath(paths[k])}, outside the data root ({_roots_text(roots)}); "
+                                f"{len(bad)} row(s) in all. Refused before opening it: keep images inside the "
+                                "manifest's folder or $COVIDCXR_DATA_ROOT, or pass allow_outside_root=True "
+                                "(CLI: --allow-outside-root) if these files are meant to be read")
 
     def replace(self, table: pd.DataFrame) -> "Manifest":
         """A new manifest with the same root and name over another (validated) table."""
-        return Manifest(table.reset_index(drop=True), root=self.root, name=self.name)
+        return Manifest(table.reset_index(drop=True), root=self.root, name=self.name, data_roots=self.data_roots)
 
     def subset(self, split: str | Sequence[str] | None = None, mask=None) -> "Manifest":
         """Rows of one or several splits (``subset("train")``, ``subset(["train", "val"])``) and/or a
@@ -198,6 +212,7 @@ class Manifest:
             raise ManifestError("concat needs at least one manifest")
         root = Path(root).resolve() if root is not None else None
         parts = []
+        data_roots = list(dict.fromkeys(r for m in manifests for r in (m.data_roots or (m.root,))))
         for m in manifests:
             t = m.table.copy()
             t["image"] = [str(p) if root is None else _relative_to(p, root) for p in m.image_paths()]
@@ -209,7 +224,7 @@ class Manifest:
                 table[col] = table[col].fillna("")
         if "fold" in table.columns:
             table["fold"] = table["fold"].fillna(-1)
-        return cls(table, root=root or Path("/"), name=name)
+        return cls(table, root=root or Path("/"), name=name, data_roots=tuple(data_roots))
 
     def sha256(self) -> str:
         """Content hash of the table (columns in a canonical order, image paths as stored).
@@ -229,6 +244,10 @@ class Manifest:
             else self.table[by[0]].value_counts().to_frame("images")
 
 
+def _roots_text(roots: Sequence[Path]) -> str:
+    return ", ".join(str(r) for r in roots)
+
+
 def prefix_patient_ids(patient_ids: pd.Series, sources: pd.Series) -> pd.Series:
     """Give ids without a ``prefix:`` namespace their source's short name as prefix."""
     ids = patient_ids.astype(str)
@@ -236,94 +255,6 @@ def prefix_patient_ids(patient_ids: pd.Series, sources: pd.Series) -> pd.Series:
     out = ids.copy()
     out[bare] = [f"{source_short_name(s)}:{i}" for s, i in zip(sources[bare], ids[bare])]
     return out
-
-
-# ---------------------------------------------------------------------- validation
-def validate_table(table: pd.DataFrame, name: str = "manifest") -> pd.DataFrame:
-    """Check and normalise a manifest table; raise :class:`ManifestError` naming row and column.
-
-    Rows are numbered from 1 (the first data row), so "row 17" is line 18 of a CSV file.
-    """
-    if not isinstance(table, pd.DataFrame):
-        raise ManifestError(f"{name}: expected a pandas DataFrame, got {type(table).__name__}")
-    table = table.copy().reset_index(drop=True)
-    table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in MUST_HAVE if c not in table.columns]
-    if missing:
-        raise ManifestError(f"{name}: missing required column(s) {missing}; a manifest needs at least "
-                            f"{list(MUST_HAVE)} (found {list(table.columns)})")
-    dupes = [c for c in set(table.columns) if list(table.columns).count(c) > 1]
-    if dupes:
-        raise ManifestError(f"{name}: column(s) {sorted(dupes)} appear more than once")
-    for col in OPTIONAL_TEXT:
-        if col not in table.columns:
-            table[col] = ""
-    if "offset_days" not in table.columns:
-        table["offset_days"] = np.nan
-
-    text_columns = set(REQUIRED_COLUMNS) - set(NUMERIC_COLUMNS)
-    for col in table.columns:
-        if col in NUMERIC_COLUMNS or col == "fold":
-            continue
-        # Required text columns always become text; extra columns only if they are not numeric
-        # (a caller's numeric extra, e.g. a score, stays a number in memory).
-        if col in text_columns or not pd.api.types.is_numeric_dtype(table[col]):
-            table[col] = table[col].map(_as_text)
-
-    for col in ("image", "patient_id", "source"):
-        empty = table.index[table[col] == ""]
-        if len(empty):
-            raise ManifestError(f"{name} row {empty[0] + 1}, column {col!r}: empty value "
-                                f"({len(empty)} row(s) in all); every image needs a {col}")
-    _check_values(table, "label", LABELS, name)
-    _check_values(table, "split", SPLITS + ("",), name)
-
-    table["offset_days"] = _to_float(table["offset_days"], "offset_days", name)
-    table["age_years"] = table["age"].map(parse_age).astype(float)
-    if "fold" in table.columns:
-        fold = _to_float(table["fold"].replace("", np.nan), "fold", name).fillna(-1)
-        if not np.all(np.mod(fold, 1) == 0):
-            bad = int(np.flatnonzero(np.mod(fold, 1) != 0)[0])
-            raise ManifestError(f"{name} row {bad + 1}, column 'fold': {table['fold'].iloc[bad]!r} is not an integer")
-        table["fold"] = fold.astype(int)
-
-    norm = table["image"].map(lambda p: os.path.normpath(p))
-    dup = norm.duplicated(keep=False)
-    if dup.any():
-        rows = np.flatnonzero(dup.to_numpy())
-        first = norm.iloc[rows[0]]
-        same = [int(r) + 1 for r in rows if norm.iloc[r] == first]
-        raise ManifestError(f"{name} rows {same}, column 'image': duplicate image path {first!r} "
-                            f"({int(dup.sum())} rows share a path with another); each image must appear once")
-    ordered = list(REQUIRED_COLUMNS) + ["age_years"]
-    return table[ordered + [c for c in table.columns if c not in ordered]]
-
-
-def _as_text(v) -> str:
-    if v is None or (not isinstance(v, str) and np.ndim(v) == 0 and pd.isna(v)):
-        return ""
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).strip()
-
-
-def _check_values(table: pd.DataFrame, col: str, allowed: Sequence[str], name: str) -> None:
-    bad = ~table[col].isin(allowed)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        shown = [a for a in allowed if a] + (["'' (unassigned)"] if "" in allowed else [])
-        raise ManifestError(f"{name} row {row + 1}, column {col!r}: {table[col].iloc[row]!r} is not one of "
-                            f"{shown} ({int(bad.sum())} row(s) in all)")
-
-
-def _to_float(values: pd.Series, col: str, name: str) -> pd.Series:
-    raw = values.map(lambda v: np.nan if (v is None or (isinstance(v, str) and v.strip() == "")) else v)
-    out = pd.to_numeric(raw, errors="coerce")
-    bad = out.isna() & raw.notna()
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ManifestError(f"{name} row {row + 1}, column {col!r}: {values.iloc[row]!r} is not a number")
-    return out.astype(float)
 
 
 def _resolve(root: Path, image: str) -> Path:
