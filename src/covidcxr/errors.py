@@ -29,6 +29,15 @@ class NotAChestXRayError(ImageReadError):
     """
 
 
+class ImplausibleImageError(ImageReadError):
+    """The file decodes but the image is not plausibly a radiograph (too small, too elongated,
+    near-constant, noise); see :mod:`covidcxr.data.plausibility`.
+
+    Raised separately so that callers can offer an override (``checks=InputChecks(...)`` or
+    ``checks=None``).
+    """
+
+
 class ManifestError(CovidCXRError):
     """A manifest is invalid; the message names the row and column."""
 
