@@ -18,7 +18,8 @@ from covidcxr.data import read_xray
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluation import metrics as M
 from covidcxr.evaluation.calibration import TemperatureScaling, expected_calibration_error
-from covidcxr.evaluation.compare import compare_predictions, compare_runs, mcnemar_test
+from covidcxr.evaluation.compare import compare_predictions, mcnemar_test
+from covidcxr.evaluation.run_comparison import compare_runs
 from covidcxr.evaluation.evaluate import evaluate_run
 from covidcxr.models.run import load_run
 
@@ -134,7 +135,9 @@ def test_plots_are_real_pngs(evaluated):
 
 
 def test_temperature_scaling_fitted_on_val_and_stored(evaluated, run_dir):
-    stored = TemperatureScaling.load(run_dir)
+    from covidcxr.models.record import read_run_record
+
+    stored = TemperatureScaling.from_record(read_run_record(run_dir).calibration)
     assert stored is not None and stored.fitted_on == "val"
     val = evaluated["manifest"].query("split == 'val'")
     assert stored.n == len(val)  # fitted on exactly the validation rows, never on test
@@ -201,8 +204,9 @@ def test_compare_runs_paired_delong_and_mcnemar(run_dir, eval_manifest, tmp_path
     with torch.no_grad():
         for p in head:
             p.add_(torch.randn_like(p) * p.std() * 2)
-    other = save_model(tmp_path / "b", run.model, architecture=run.record["architecture"], classes=run.classes,
-                       preprocess_spec=run.spec, threshold=run.threshold, info=run.record.get("info"))
+    other = save_model(tmp_path / "b", run.model, architecture=run.record.architecture, classes=run.classes,
+                       preprocess_spec=run.spec, threshold=run.threshold, label_space=run.record.label_space,
+                       info=run.record.info)
     table = pd.read_csv(eval_manifest)
     table[table["split"] == "test"].to_csv(tmp_path / "t.csv", index=False)
     res = compare_runs(run_dir, other, tmp_path / "t.csv", out=tmp_path / "cmp.json", progress=False)
@@ -262,8 +266,8 @@ def test_three_class_run_gets_one_vs_rest_and_confusion_matrix(eval_manifest, we
     space = get_label_space("3class")
     model = create_model("tf_efficientnet_lite0", 3, weights=str(weights_dir / "efficientnet_lite0_imagenet_timm.pth"))
     run3 = save_model(tmp_path / "run3", model, architecture="tf_efficientnet_lite0", classes=space.classes,
-                      positive_class="covid", preprocess_spec=PreprocessSpec(image_size=64), threshold=0.3,
-                      info={"label_space": space.to_dict()})
+                      positive_class="covid", preprocess_spec=PreprocessSpec(image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3),
+                      threshold=0.3, label_space=space.to_dict())
     table = pd.read_csv(eval_manifest)
     table[table["split"] == "test"].to_csv(tmp_path / "t.csv", index=False)
     res = evaluate_run(run3, tmp_path / "t.csv", out=tmp_path / "ev", n_boot=50, progress=False)
@@ -293,9 +297,9 @@ def test_label_space_from_run_record_yaml_and_errors(run_dir, tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text("name: covid-or-not\nclasses: [non-covid, covid]\npositive: covid\n"
                           "rules:\n  - {label: covid, class: covid}\ndefault: non-covid\n")
-    record = json.loads((run / "run.json").read_text())
-    record["info"]["label_space"] = {"name": "covid-or-not"}
-    (run / "run.json").write_text(json.dumps(record))
+    from covidcxr.models.record import update_run_record
+
+    update_run_record(run, label_space={"name": "covid-or-not"})
     with pytest.raises(ConfigError, match="--label-space"):
         run_label_space(load_run(run))
     cfg = yaml.safe_load((run / "config.yaml").read_text())

@@ -360,9 +360,9 @@ def test_predictive_values_use_a_zero_ci_bound():
     assert out["ppv"]["ci_low"] == 0.0  # sensitivity 0 -> PPV 0 (a falsy 0.0 bound used to be replaced by 0.5)
 
 
-def test_temperature_scaling_save_load_roundtrip(tmp_path):
+def test_temperature_scaling_record_roundtrip():
     from covidcxr.evaluation.calibration import TemperatureScaling
 
     ts = TemperatureScaling(1.7, "val", 10, 0.5, 0.4)
-    ts.save(tmp_path)
-    assert TemperatureScaling.load(tmp_path) == ts
+    assert TemperatureScaling.from_record(ts.to_record()) == ts
+    assert TemperatureScaling.from_record(None) is None

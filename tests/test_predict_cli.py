@@ -111,7 +111,7 @@ def test_killed_job_resumes_without_losing_or_repeating_rows(loaded, data_root, 
 
     images = sample_paths(data_root, 5)
     out = tmp_path / "big.csv"
-    real_batch = predict_mod._predict_batch
+    real_batch = predict_mod.predict_inputs
     calls = {"n": 0}
 
     def dies_on_second_batch(run, good):
@@ -120,12 +120,12 @@ def test_killed_job_resumes_without_losing_or_repeating_rows(loaded, data_root, 
             raise KeyboardInterrupt("simulated kill")
         return real_batch(run, good)
 
-    monkeypatch.setattr(predict_mod, "_predict_batch", dies_on_second_batch)
+    monkeypatch.setattr(predict_mod, "predict_inputs", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         predict_files(loaded, images, out, batch_size=2, progress=False)
     partial = pd.read_csv(out)
     assert partial["path"].tolist() == [str(p) for p in images[:2]]  # the finished batch is on disk
-    monkeypatch.setattr(predict_mod, "_predict_batch", real_batch)
+    monkeypatch.setattr(predict_mod, "predict_inputs", real_batch)
     result = predict_files(loaded, images, out, batch_size=2, progress=False, resume=True)
     assert result.already_done == 2 and result.predicted == 3
     table = pd.read_csv(out)

@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from covidcxr.errors import ConfigError
 from covidcxr.training.augment import BatchMixer, apply_seeded, build_augmentation
 from covidcxr.training.config import AugmentConfig, load_config
-from covidcxr.training.loop import lr_factor
+from covidcxr.training.optim import lr_factor
 from covidcxr.training.sampling import make_batch_sampler, source_balanced_cell_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ def test_no_mixing_gives_one_hot_targets():
 # ---------------------------------------------------------------- training data selection
 
 def test_unsplit_manifest_needs_a_split_or_split_seed(shared_manifest):
-    from covidcxr.training.loop import prepare_training_data
+    from covidcxr.training.rows import prepare_training_data
 
     with pytest.raises(ConfigError, match=r"covidcxr data split.*data\.split_seed"):
         prepare_training_data(load_config(None, []), shared_manifest)
@@ -212,7 +212,7 @@ def test_unsplit_manifest_needs_a_split_or_split_seed(shared_manifest):
 
 
 def test_validation_cap_is_stratified_and_holdout_sources_are_left_out(split_manifest):
-    from covidcxr.training.loop import prepare_training_data
+    from covidcxr.training.rows import prepare_training_data
 
     cfg = load_config(None, ["data.val_max_images=100", f"data.holdout_sources=['{FIG1}']"])
     data = prepare_training_data(cfg, split_manifest)
@@ -239,7 +239,7 @@ def test_dataset_skips_unreadable_images_with_their_reason(split_manifest, tmp_p
     manifest = split_manifest.replace(table)
     manifest.root = tmp_path
     with caplog.at_level("WARNING"):
-        ds = CXRDataset(manifest, "binary", PreprocessSpec(image_size=32), validate="decode")
+        ds = CXRDataset(manifest, "binary", PreprocessSpec(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3), validate="decode")
     assert len(ds) == 2 and list(ds.rows) == [0, 2]
     reasons = {Path(s.path).name: s.reason for s in ds.skipped}
     assert set(reasons) == {"img1.jpg", "missing.jpg"} and "not found" in reasons["missing.jpg"]
@@ -254,7 +254,8 @@ def test_kfold_development_rows_are_not_cut_by_the_single_run_val_cap(split_mani
     from covidcxr.training.cv import assign_folds
 
     cfg = load_config(None, ["data.val_max_images=100"])
-    manifest, dev, _ = assign_folds(cfg, split_manifest, 3)
+    data, dev, _ = assign_folds(cfg, split_manifest, 3)
+    manifest = data.manifest
     split = manifest.table["split"].to_numpy()
     assert dev.sum() == (split == "train").sum() + (split == "val").sum()
     assert not dev[split == "test"].any()
@@ -280,7 +281,7 @@ def test_auc_selection_without_positive_validation_rows_fails_before_training(sp
 def test_rows_without_a_split_are_refused_not_silently_skipped(split_manifest, shared_manifest):
     """A new source concatenated to a split manifest leaves its rows unassigned: training must say so."""
     from covidcxr.data.manifest import Manifest
-    from covidcxr.training.loop import prepare_training_data
+    from covidcxr.training.rows import prepare_training_data
 
     t = split_manifest.table
     old = split_manifest.subset(mask=(t["source"] != FIG1).to_numpy())
@@ -317,7 +318,7 @@ def test_training_rows_missing_a_class_fail_before_training(split_manifest, tmp_
 def test_holdout_source_patients_are_held_out_in_every_source(split_manifest):
     """A pre-split manifest where one Figure1 patient also has an IEEE training image (one person, two
     sources): holding out Figure1 must keep that patient's IEEE image out of training too."""
-    from covidcxr.training.loop import prepare_training_data
+    from covidcxr.training.rows import prepare_training_data
 
     table = split_manifest.table.copy()
     fig1_patient = table.loc[table["source"] == FIG1, "patient_id"].iloc[0]

@@ -19,7 +19,8 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.models.run import load_run
 from covidcxr.models.weights import sha256_file
 from covidcxr.training import load_config
-from covidcxr.training.loop import fit, load_checkpoint
+from covidcxr.training.loop import fit
+from covidcxr.training.state import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -178,7 +178,7 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the comparison as JSON."),
 ) -> None:
     """Paired DeLong test of the AUC difference and McNemar at each run's stored threshold, on the same images."""
-    from covidcxr.evaluation.compare import compare_runs, render_comparison
+    from covidcxr.evaluation.run_comparison import compare_runs, render_comparison
 
     render_comparison(compare_runs(run_a, run_b, manifest, split=split, out=out), console)
 

@@ -3,7 +3,8 @@
 Training reads each image once per epoch; decoding a 4000 px JPEG or a JPEG 2000 DICOM every time
 would dominate the run. :class:`WorkingSizeCache` decodes a file with
 :func:`~covidcxr.data.io.read_xray`, shrinks it so the longer side is at most ``working_size``
-(aspect ratio kept, ``cv2.INTER_AREA``, never enlarged) and stores it as uint16 (so 12-16 bit DICOM
+(aspect ratio kept, ``cv2.INTER_AREA``, never enlarged: the pipeline's first stage,
+:func:`covidcxr.data.preprocess.working_image`) and stores it as uint16 (so 12-16 bit DICOM
 detail survives; 1/65535 quantisation). Later loads of the same content return the stored array.
 
 Correctness rules:
@@ -37,11 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import cv2
 import numpy as np
 
 from covidcxr import paths
-from covidcxr.data.io import DEFAULT_MAX_PIXELS, READER_VERSION, XRay, decode_xray
+from covidcxr.data.io import DEFAULT_MAX_PIXELS, READER_VERSION, XRay, decode_xray, read_file_bytes
 from covidcxr.data.preprocess import dequantise, working_image
 from covidcxr.errors import ConfigError, ImageReadError
 from covidcxr.progress import make_progress
@@ -209,14 +209,8 @@ class WorkingSizeCache:
 
     @staticmethod
     def _read(path: Path) -> bytes:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise ImageReadError(path, "file not found") from None
-        except IsADirectoryError:
-            raise ImageReadError(path, "is a folder, not an image file") from None
-        except OSError as exc:
-            raise ImageReadError(path, f"cannot read file: {exc.strerror or exc}") from None
+        # The reader's safe read: no FIFOs, devices or link loops, and a size cap.
+        return read_file_bytes(path)
 
     @staticmethod
     def _signature(path: Path) -> tuple | None:

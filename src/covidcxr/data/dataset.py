@@ -72,7 +72,7 @@ class CXRDataset(Dataset):
 
     def __init__(self, manifest: Manifest, label_space: LabelSpace | str, spec: PreprocessSpec, *,
                  augment: Augment | None = None, validate: str = "exists",
-                 memory_cache: bool = True, progress: bool = False):
+                 memory_cache: bool = True, progress: bool = False, allow_outside_root: bool = False):
         if validate not in ("decode", "exists"):
             raise ValueError(f"validate={validate!r}: use 'decode' or 'exists'")
         self.label_space = get_label_space(label_space) if not isinstance(label_space, LabelSpace) else label_space
@@ -81,7 +81,8 @@ class CXRDataset(Dataset):
         keep, y = self.label_space.targets(manifest.table)
         self.excluded = int((~keep).sum())
         rows = np.flatnonzero(keep)
-        paths = manifest.image_paths()
+        # Rows pointing outside the data root (../../etc/passwd) are refused before any file is opened.
+        paths = manifest.image_paths(check_root=not allow_outside_root)
         good = np.asarray([paths[r].is_file() for r in rows], dtype=bool)
         self.skipped: list[SkippedImage] = [SkippedImage(int(r), str(paths[r]), "file not found") for r in rows[~good]]
         self._memory: dict[int, np.ndarray] | None = {} if memory_cache else None  # index -> prepared uint16

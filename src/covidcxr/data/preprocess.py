@@ -62,6 +62,14 @@ class PreprocessSpec(BaseModel):
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _channels_from_statistics(cls, data):
+        # A spec that names its statistics (one per channel) needs no separate channel count.
+        if isinstance(data, dict) and data.get("channels") is None and data.get("mean") is not None:
+            data = {**data, "channels": len(data["mean"])}
+        return data
+
     @field_validator("percentiles")
     @classmethod
     def _percentiles(cls, v):

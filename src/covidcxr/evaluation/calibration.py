@@ -8,9 +8,7 @@ changes the ranking (AUC) and the validation threshold is mapped along with the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -18,9 +16,7 @@ from scipy.special import log_softmax, softmax
 
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluation.metrics import check_binary
-from covidcxr.files import write_json
 
-CALIBRATION_JSON = "calibration.json"
 DEFAULT_BINS = 10
 
 
@@ -88,21 +84,19 @@ class TemperatureScaling:
         t = float(np.clip(threshold, 1e-12, 1 - 1e-12))
         return float(self.transform(np.array([[1 - t, t]]))[0, 1])
 
-    def save(self, run_dir: str | Path) -> Path:
-        path = Path(run_dir) / CALIBRATION_JSON
-        write_json(path, {"method": "temperature", **asdict(self)})
-        return path
+    def to_record(self) -> dict:
+        """What the run record stores (``RunRecord.calibration``, written through its one writer)."""
+        return {"method": "temperature", **asdict(self)}
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "TemperatureScaling | None":
-        path = Path(run_dir) / CALIBRATION_JSON
-        if not path.is_file():
+    def from_record(cls, record: dict | None) -> "TemperatureScaling | None":
+        """The temperature stored in a run record, or None."""
+        if not record:
             return None
         try:
-            d = json.loads(path.read_text())
-            return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise CovidCXRError(f"{path}: not a valid calibration file ({exc}); delete it to refit") from exc
+            return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
+        except TypeError as exc:
+            raise CovidCXRError(f"run record calibration is not a temperature scaling ({exc})") from exc
 
 
 def _check_probs(probs, y_index):

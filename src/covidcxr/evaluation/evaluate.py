@@ -19,7 +19,6 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from covidcxr.data.labels import LABEL_SPACES, LabelSpace, get_label_space
@@ -183,9 +182,9 @@ def internal_external_gap(internal: dict, external: dict) -> dict:
 def fit_or_load_temperature(run: LoadedRun, manifest: Manifest, space: LabelSpace, *, batch_size: int,
                             progress: bool) -> cal.TemperatureScaling:
     """The run's stored temperature, or one fitted now on the manifest's VALIDATION rows and stored."""
-    stored = run.record.calibration
-    if stored:
-        return cal.TemperatureScaling(**{k: v for k, v in stored.items() if k != "method"})
+    stored = cal.TemperatureScaling.from_record(run.record.calibration)
+    if stored is not None:
+        return stored
     val = manifest.subset("val")
     if len(val) == 0:
         raise CovidCXRError(f"{manifest.name}: no 'val' rows to fit temperature scaling on; it is never fitted on test")
@@ -193,11 +192,9 @@ def fit_or_load_temperature(run: LoadedRun, manifest: Manifest, space: LabelSpac
     index = {c: i for i, c in enumerate(run.classes)}
     temp = cal.TemperatureScaling.fit(scored[[f"prob_{c}" for c in run.classes]].to_numpy(),
                                       scored["class"].map(index).to_numpy(), fitted_on="val")
-    from dataclasses import asdict
-
     from covidcxr.models.record import update_run_record
 
-    update_run_record(run.run_dir, calibration={"method": "temperature", **asdict(temp)})
+    update_run_record(run.run_dir, calibration=temp.to_record())
     return temp
 
 
@@ -321,8 +318,7 @@ def write_plots(out: Path, scored: pd.DataFrame, run: LoadedRun, threshold: floa
             y, s = part["y_true"].to_numpy(), part["score"].to_numpy()
             b = metrics["binary"]
             if 0 < y.sum() < len(y):
-                auc = b["auc"]
-                text = f"AUC {auc['value']:.3f} ({auc['ci_low']:.3f}-{auc['ci_high']:.3f})"
+                text = f"AUC {format_estimate(b['auc'])}"
                 figs["roc"] = plots.plot_roc(out / f"roc_{g}.png", y, s, threshold=threshold, auc_text=text,
                                              title=f"ROC, {run.positive_class} vs rest ({g})").name
                 figs["pr"] = plots.plot_pr(out / f"pr_{g}.png", y, s, threshold=threshold,

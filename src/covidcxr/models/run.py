@@ -47,8 +47,8 @@ def save_weights(path: str | Path, model: nn.Module) -> None:
 def save_model(run_dir: str | Path, model: nn.Module, *, architecture: str, classes: Sequence[str],
                preprocess_spec: PreprocessSpec, positive_class: str | None = None, threshold: float | None = None,
                label_space: dict | None = None, split: RunSplit | None = None, tta: Sequence[str] = (),
-               info: dict | None = None) -> RunRecord:
-    """Write ``model.safetensors`` + ``run.json`` into ``run_dir``; returns the sealed record.
+               info: dict | None = None) -> Path:
+    """Write ``model.safetensors`` + ``run.json`` (through the record's one writer) into ``run_dir``; returns it.
 
     ``preprocess_spec`` must be resolved (:func:`covidcxr.models.registry.resolve_spec`).
     ``info`` carries free-form provenance (selection metric, training manifest hash and counts, ...).
@@ -61,11 +61,12 @@ def save_model(run_dir: str | Path, model: nn.Module, *, architecture: str, clas
         positive_class=positive_class if positive_class is not None else _default_positive(classes),
         label_space=label_space, preprocess=preprocess_spec.require_resolved(), threshold=threshold,
         model_sha256=sha256_file(run_dir / MODEL_FILE), tta=list(tta), split=split, info=info or {})
-    return write_run_record(run_dir, record)
+    write_run_record(run_dir, record)
+    return run_dir
 
 
 def save_ensemble(run_dir: str | Path, members: Sequence[str | Path], *, info: dict | None = None,
-                  threshold: float | None = None, split: RunSplit | None = None) -> RunRecord:
+                  threshold: float | None = None, split: RunSplit | None = None) -> Path:
     """Write an ensemble run whose members are existing run directories (stored relative)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,8 @@ def save_ensemble(run_dir: str | Path, members: Sequence[str | Path], *, info: d
         label_space=first.label_space, preprocess=first.preprocess, threshold=threshold,
         members=[os.path.relpath(Path(m).resolve(), run_dir.resolve()) for m in members],
         model_sha256=_ensemble_sha([r.model_sha256 for r in records]), split=split, info=info or {})
-    return write_run_record(run_dir, record)
+    write_run_record(run_dir, record)
+    return run_dir
 
 
 def _ensemble_sha(hashes: Iterable[str]) -> str:

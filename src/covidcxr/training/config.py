@@ -64,6 +64,8 @@ class DataConfig(_Section):
     # decode: read every image once before training and skip (and report) unreadable ones;
     # exists: only check the files exist (faster; a later decode failure stops training with the file name).
     validate_images: Literal["decode", "exists"] = "decode"
+    # Manifest rows must resolve inside the manifest's folder or the data root; true lifts that.
+    allow_outside_root: bool = False
 
 
 class ModelConfig(_Section):

@@ -38,7 +38,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -192,9 +191,10 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
     augmentation = build_augmentation(config.augment)
     train_ds = CXRDataset(data.manifest.subset(mask=data.train_mask), space, spec,
                           augment=functools.partial(apply_seeded, augmentation) if augmentation else None,
-                          validate=config.data.validate_images, progress=t.progress)
+                          validate=config.data.validate_images, progress=t.progress,
+                          allow_outside_root=config.data.allow_outside_root)
     val_ds = CXRDataset(data.manifest.subset(mask=data.val_mask), space, spec, validate=config.data.validate_images,
-                        progress=t.progress)
+                        progress=t.progress, allow_outside_root=config.data.allow_outside_root)
     if len(train_ds) < 2 or len(val_ds) < 2:
         raise ConfigError(f"too few usable images: {len(train_ds)} train, {len(val_ds)} val")
     positive = space.positive

@@ -1,0 +1,112 @@
+"""The run record: typed, versioned, one writer, and an integrity check that covers its content."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from covidcxr.data.preprocess import PreprocessSpec
+from covidcxr.errors import CovidCXRError, WeightsError
+from covidcxr.models.record import RUN_KEY_ENV, read_run_record, update_run_record
+from covidcxr.models.registry import create_model, resolve_spec
+from covidcxr.models.run import load_run, save_model, save_weights
+from covidcxr.models.weights import sha256_file
+
+CLASSES = ["non-covid", "covid"]
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    torch.manual_seed(0)
+    spec = resolve_spec(PreprocessSpec(image_size=64), "resnet18")
+    save_model(tmp_path / "run", create_model("resnet18", 2), architecture="resnet18", classes=CLASSES,
+               preprocess_spec=spec, threshold=0.3, label_space={"name": "binary"})
+    return tmp_path / "run"
+
+
+def _edit(run_dir, change):
+    path = run_dir / "run.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record, indent=2))
+
+
+def test_record_round_trips_and_is_typed(run_dir):
+    record = read_run_record(run_dir)
+    assert record.format == "covidcxr-run/2" and record.classes == CLASSES and record.threshold == 0.3
+    assert record.preprocess.resolved and record.preprocess.working_size == 512 and record.channels == 3
+    assert record.integrity is not None and len(record.integrity.record_sha256) == 64
+    run = load_run(run_dir)
+    assert run.spec == record.preprocess and run.backend == "torch"
+
+
+@pytest.mark.parametrize("field, change", [
+    ("classes", lambda r: r.__setitem__("classes", r["classes"][::-1])),
+    ("threshold", lambda r: r.__setitem__("threshold", 0.0)),
+    ("preprocess", lambda r: r["preprocess"].__setitem__("intensity", "none")),
+    ("label_space", lambda r: r.__setitem__("label_space", {"name": "3class"})),
+    ("positive_class", lambda r: r.__setitem__("positive_class", "non-covid")),
+])
+def test_editing_a_decision_field_is_refused_naming_it(run_dir, field, change):
+    _edit(run_dir, change)
+    with pytest.raises(WeightsError, match=f"changed since it was written \\({field}\\)"):
+        load_run(run_dir)
+    with pytest.raises(WeightsError, match=field):
+        read_run_record(run_dir)
+
+
+def test_swapped_weights_with_their_new_hash_written_in_are_refused(run_dir):
+    torch.manual_seed(1)
+    save_weights(run_dir / "model.safetensors", create_model("resnet18", 2))
+    with pytest.raises(WeightsError, match="does not match the recorded"):
+        load_run(run_dir)
+    new = sha256_file(run_dir / "model.safetensors")
+    _edit(run_dir, lambda r: r.__setitem__("model_sha256", new))
+    with pytest.raises(WeightsError, match=r"\(model_sha256\)"):
+        load_run(run_dir)
+
+
+def test_a_record_without_integrity_block_or_of_format_1_is_refused(run_dir):
+    _edit(run_dir, lambda r: r.pop("integrity"))
+    with pytest.raises(WeightsError, match="no integrity record"):
+        load_run(run_dir)
+    _edit(run_dir, lambda r: r.__setitem__("format", "covidcxr-run/1"))
+    with pytest.raises(CovidCXRError, match="Re-train"):
+        load_run(run_dir)
+
+
+def test_updates_go_through_the_writer_and_stay_valid(run_dir):
+    update_run_record(run_dir, calibration={"method": "temperature", "temperature": 1.7})
+    assert read_run_record(run_dir).calibration["temperature"] == 1.7
+    load_run(run_dir)  # still verifies
+    with pytest.raises(CovidCXRError, match="invalid change"):
+        update_run_record(run_dir, threshold=2.0)
+    with pytest.raises(CovidCXRError, match="invalid change"):
+        update_run_record(run_dir, not_a_field=1)
+
+
+def test_hmac_with_a_secret_key(run_dir, monkeypatch, tmp_path):
+    # Written without the key: a loader that has the key refuses it (it cannot be told from a forgery).
+    monkeypatch.setenv(RUN_KEY_ENV, "hospital-secret")
+    with pytest.raises(WeightsError, match="no HMAC"):
+        load_run(run_dir)
+    spec = resolve_spec(PreprocessSpec(image_size=64), "resnet18")
+    save_model(tmp_path / "signed", create_model("resnet18", 2), architecture="resnet18", classes=CLASSES,
+               preprocess_spec=spec)
+    load_run(tmp_path / "signed")
+    # Someone without the key recomputes every hash after an edit: the HMAC gives it away.
+    monkeypatch.setenv(RUN_KEY_ENV, "attacker-guess")
+    with pytest.raises(WeightsError, match="HMAC does not match"):
+        load_run(tmp_path / "signed")
+
+
+def test_invalid_content_is_a_clear_error(run_dir):
+    from covidcxr.models.record import RunRecord
+
+    record = read_run_record(run_dir)
+    with pytest.raises(ValueError, match="positive_class"):
+        RunRecord.model_validate({**record.model_dump(exclude={"integrity"}), "positive_class": "flu"})
+    with pytest.raises(ValueError, match="probability"):
+        RunRecord.model_validate({**record.model_dump(exclude={"integrity"}), "threshold": float("nan")})
