@@ -308,3 +308,29 @@ def test_label_space_from_run_record_yaml_and_errors(run_dir, tmp_path):
     assert run_label_space(load_run(run)).name == "covid-or-not"
     with pytest.raises(ConfigError, match="classes"):
         run_label_space(load_run(run), "3class")
+
+
+def test_roc_plot_draws_the_curve_whose_area_is_the_reported_auc(tmp_path, monkeypatch):
+    """The plotted ROC points are the metric's: their trapezoid area equals the AUC, the operating
+    point is the sensitivity / specificity at the threshold."""
+    from covidcxr.evaluation import plots
+    from covidcxr.evaluation.metrics import binary_metrics
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(40), np.zeros(60)].astype(int)
+    s = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    captured = {}
+    real_save = plots.save_figure
+
+    def keep(fig, path, **kw):
+        captured["lines"] = [(ln.get_label(), np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float))
+                             for ln in fig.axes[0].get_lines()]
+        return real_save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    plots.plot_roc(tmp_path / "roc.png", y, s, threshold=0.5, n_boot=20)
+    m = binary_metrics(y, s, 0.5, n_boot=20)
+    curve = next(c for c in captured["lines"] if c[0].startswith("ROC"))
+    assert np.trapezoid(curve[2], curve[1]) == pytest.approx(m["auc"]["value"], abs=1e-12)
+    point = next(c for c in captured["lines"] if c[0].startswith("threshold"))
+    assert point[1][0] == pytest.approx(1 - m["specificity"]["value"]) and point[2][0] == pytest.approx(m["sensitivity"]["value"])
