@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from covidcxr.cli import app
 from covidcxr.data import read_xray
 from covidcxr.errors import CovidCXRError
+from covidcxr.evaluation import classification as C
 from covidcxr.evaluation import metrics as M
 from covidcxr.evaluation.calibration import TemperatureScaling, expected_calibration_error
 from covidcxr.evaluation.compare import compare_predictions, mcnemar_test
@@ -94,7 +95,7 @@ def test_threshold_comes_from_run_json_and_metrics_match_sklearn(evaluated, run_
     assert b["sensitivity"]["value"] == pytest.approx(skm.recall_score(y, called))
     assert b["specificity"]["value"] == pytest.approx(skm.recall_score(1 - y, 1 - called))
     assert (test["y_pred"].to_numpy() == called).all()  # decisions in predictions.csv use the stored threshold
-    for name in ("auc", *M.THRESHOLD_METRICS):
+    for name in ("auc", *C.THRESHOLD_METRICS):
         e = b[name]
         if e["value"] is not None and e["ci_low"] is not None:
             assert e["ci_low"] <= e["value"] + 1e-12 and e["value"] <= e["ci_high"] + 1e-12, name
@@ -314,7 +315,7 @@ def test_roc_plot_draws_the_curve_whose_area_is_the_reported_auc(tmp_path, monke
     """The plotted ROC points are the metric's: their trapezoid area equals the AUC, the operating
     point is the sensitivity / specificity at the threshold."""
     from covidcxr.evaluation import plots
-    from covidcxr.evaluation.metrics import binary_metrics
+    from covidcxr.evaluation.classification import binary_metrics
 
     rng = np.random.default_rng(3)
     y = np.r_[np.ones(40), np.zeros(60)].astype(int)

@@ -9,6 +9,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from covidcxr.errors import ConfigError, CovidCXRError
+from covidcxr.evaluation import classification as C
 from covidcxr.evaluation import metrics as M
 from covidcxr.evaluation.thresholds import select_threshold
 
@@ -147,7 +148,7 @@ def test_wilson_matches_closed_form_reference():
 def test_binary_metrics_points_match_sklearn(shortcut_scores):
     y, s, src, _ = shortcut_scores
     thr = float(np.median(s))
-    res = M.binary_metrics(y, s, thr, n_boot=200, prevalence=0.05)
+    res = C.binary_metrics(y, s, thr, n_boot=200, prevalence=0.05)
     pred = (s >= thr).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
     assert res["confusion"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
@@ -159,7 +160,7 @@ def test_binary_metrics_points_match_sklearn(shortcut_scores):
     assert res["balanced_accuracy"]["value"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
     assert res["f1"]["value"] == pytest.approx(skm.f1_score(y, pred))
     assert res["auc"]["value"] == pytest.approx(skm.roc_auc_score(y, s))
-    for name in M.THRESHOLD_METRICS:
+    for name in C.THRESHOLD_METRICS:
         assert res[name]["ci_low"] <= res[name]["value"] <= res[name]["ci_high"], name
     # Bayes at 5 % prevalence
     se, sp = res["sensitivity"]["value"], res["specificity"]["value"]
@@ -195,7 +196,7 @@ def test_multiclass_metrics_match_sklearn(manifest_table):
     onehot = np.eye(3)[[classes.index(v) for v in t["label"]]]
     logits = 1.5 * onehot + rng.normal(0, 1, onehot.shape)
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    res = M.multiclass_metrics(t["label"], probs, classes, n_boot=100)
+    res = C.multiclass_metrics(t["label"], probs, classes, n_boot=100)
     for k, c in enumerate(classes):
         assert res["auc_ovr"][c]["value"] == pytest.approx(skm.roc_auc_score(t["label"] == c, probs[:, k]))
     assert res["macro_auc"]["value"] == pytest.approx(skm.roc_auc_score(t["label"], probs, multi_class="ovr",
@@ -250,9 +251,9 @@ def test_wilson_matches_published_values_and_closed_form():
 def test_confusion_counts_match_sklearn_with_one_class_present():
     y = np.zeros(6, int)
     pred = np.array([0, 0, 1, 0, 1, 0])
-    assert M.confusion_counts(y, pred) == {"tp": 0, "fp": 2, "tn": 4, "fn": 0}
-    assert M.confusion_counts(np.ones(3, int), np.ones(3, int)) == {"tp": 3, "fp": 0, "tn": 0, "fn": 0}
-    assert M.confusion_counts([], []) == {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    assert C.confusion_counts(y, pred) == {"tp": 0, "fp": 2, "tn": 4, "fn": 0}
+    assert C.confusion_counts(np.ones(3, int), np.ones(3, int)) == {"tp": 3, "fp": 0, "tn": 0, "fn": 0}
+    assert C.confusion_counts([], []) == {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
 
 
 @pytest.mark.parametrize("b,c", [(25, 25), (30, 30), (26, 25), (25, 26)])
@@ -315,7 +316,7 @@ def test_delong_undefined_with_a_single_positive_or_negative(single):
     assert test["difference"] == pytest.approx(skm.roc_auc_score(y, s) - skm.roc_auc_score(y, worse))
 
     thr = float(np.median(s))
-    res = M.binary_metrics(y, s, thr, n_boot=50)
+    res = C.binary_metrics(y, s, thr, n_boot=50)
     assert res["auc"]["ci_low"] is None and "single" in res["auc"]["note"]
     json.dumps(res, allow_nan=False)  # strict JSON: undefined values are null, not NaN
     cmp = compare_predictions(y, s, worse, (s >= thr).astype(int), (worse >= thr).astype(int))
@@ -356,7 +357,7 @@ def test_youden_tie_goes_to_the_highest_threshold_despite_float_rounding():
 def test_predictive_values_use_a_zero_ci_bound():
     sens = {"value": 0.5, "ci_low": 0.0, "ci_high": 0.9}
     spec = {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9}
-    out = M.predictive_values_at_prevalence(sens, spec, 0.1)
+    out = C.predictive_values_at_prevalence(sens, spec, 0.1)
     assert out["ppv"]["ci_low"] == 0.0  # sensitivity 0 -> PPV 0 (a falsy 0.0 bound used to be replaced by 0.5)
 
 

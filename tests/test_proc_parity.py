@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from covidcxr.evaluation import classification as C
 from covidcxr.evaluation import metrics as M
 from covidcxr.evaluation.compare import compare_predictions
 from covidcxr.evaluation.thresholds import select_threshold
@@ -115,7 +116,7 @@ def test_youden_threshold_matches_proc_coords_best(asah):
     t = select_threshold(y, s, "youden")
     assert t == 0.22
     np.testing.assert_array_equal(s >= t, s > 0.205)
-    res = M.binary_metrics(y, s, t, n_boot=20)
+    res = C.binary_metrics(y, s, t, n_boot=20)
     assert res["specificity"]["value"] == pytest.approx(0.805555555555556, rel=REL)
     assert res["sensitivity"]["value"] == pytest.approx(0.634146341463415, rel=REL)
     assert res["confusion"] == {"tp": 26, "fn": 15, "tn": 58, "fp": 14}

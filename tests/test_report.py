@@ -17,7 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from covidcxr.cli import app
-from covidcxr.evaluation.evaluate import evaluate_run, format_estimate
+from covidcxr.evaluation.evaluate import evaluate_run
+from covidcxr.evaluation.summary import format_estimate
 from covidcxr.evaluation.report import build_report, render_markdown
 
 from test_evaluate import small_eval_manifest  # noqa: E402  (tests/ is on sys.path under pytest)

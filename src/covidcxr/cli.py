@@ -161,7 +161,8 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/eval/<split>)."),
 ) -> None:
     """Metrics with 95% CIs (DeLong AUC, within-source AUC, Wilson proportions), predictions.csv and plots."""
-    from covidcxr.evaluation.evaluate import evaluate_run, render_summary
+    from covidcxr.evaluation.evaluate import evaluate_run
+    from covidcxr.evaluation.summary import render_summary
 
     result = evaluate_run(run_dir, manifest, split=split, by=by, prevalence=prevalence, out=out, readers=readers,
                           patient_bootstrap=patient_bootstrap, temperature_scaling=temperature_scaling,

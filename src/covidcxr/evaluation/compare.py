@@ -15,7 +15,8 @@ import pandas as pd
 from scipy import stats
 
 from covidcxr.errors import CovidCXRError
-from covidcxr.evaluation.metrics import DEFAULT_LEVEL, Estimate, confusion_counts, delong_test, wilson_ci
+from covidcxr.evaluation.classification import confusion_counts
+from covidcxr.evaluation.metrics import DEFAULT_LEVEL, Estimate, delong_test, wilson_ci
 
 EXACT_BELOW = 25
 

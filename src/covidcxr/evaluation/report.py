@@ -23,7 +23,8 @@ from pathlib import Path
 from markupsafe import Markup, escape
 
 from covidcxr.errors import CovidCXRError
-from covidcxr.evaluation.evaluate import format_estimate, read_eval_results
+from covidcxr.evaluation.evaluate import read_eval_results
+from covidcxr.evaluation.summary import format_estimate
 from covidcxr.files import atomic_write_bytes
 from covidcxr.models.record import read_run_record
 

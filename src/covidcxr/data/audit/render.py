@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr.data.audit.report import AuditReport
 from covidcxr.plotting import pyplot, save_figure
 
+# AuditReport (data.audit.report) calls these renderers; it is named only as a string annotation so
+# that nothing imports back.
 
-def plot_report(report: AuditReport, path: str | Path, table: pd.DataFrame | None = None) -> Path:
+
+def plot_report(report: "AuditReport", path: str | Path, table: pd.DataFrame | None = None) -> Path:
     """One PNG: label mix of every source per split (stacked bars; a one-colour bar is a source
     that alone predicts the label) and, if ``table`` (the manifest table) is given, known ages by
     label. Returns ``path``."""
@@ -47,7 +49,7 @@ def plot_report(report: AuditReport, path: str | Path, table: pd.DataFrame | Non
     return save_figure(fig, path, dpi=110)
 
 
-def render_report(report: AuditReport, console=None, max_pairs: int = 20) -> None:
+def render_report(report: "AuditReport", console=None, max_pairs: int = 20) -> None:
     """Print the report as rich tables."""
     from rich.console import Console
     from rich.table import Table
