@@ -17,12 +17,13 @@ cx data split "$DATA/manifest.csv" --out "$DATA/split.csv" --seed 0
 cx data audit "$DATA/split.csv" --json "$DATA/audit.json" --plot "$DATA/audit.png"
 [ -e "$RUN" ] && rm -rf "$RUN.previous" && mv "$RUN" "$RUN.previous"
 cx train configs/quick.yaml --out "$RUN" "data.manifest=$DATA/split.csv"
-cx evaluate "$RUN" --manifest "$DATA/split.csv" --split test --by source
+# The run stores the rows it trained, validated and tested on (RUN/split.csv): evaluate its own test split.
+cx evaluate "$RUN" --split test --by source
 mapfile -t GALLERY < <(.venv/bin/python -c "
 import pandas as pd, sys
 from covidcxr.data.manifest import Manifest
-m = Manifest.read('$DATA/split.csv'); t = m.table
-test = t[(t.split == 'test')].groupby('source', group_keys=False).head(3)
+m = Manifest.read('$RUN/split.csv'); t = m.table
+test = t[(t.run_split == 'test')].groupby('source', group_keys=False).head(3)
 print('\n'.join(str(m.root / p) for p in test.image))")
 cx explain "$RUN" "${GALLERY[@]}" --method gradcam
 cx report "$RUN"
