@@ -79,6 +79,10 @@ def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dic
             state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: does not hold a state dict of tensors")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a NaN weight only shows up epochs later as an unexplained NaN loss
+        raise WeightsError(f"{path}: {len(bad)} tensor(s) hold NaN or infinity (e.g. {bad[0]!r}); "
+                           "the file is corrupt or was saved from a diverged training")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
