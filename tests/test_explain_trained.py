@@ -116,3 +116,24 @@ def test_feature_maps_cli(trained_run, run, scored_images, tmp_path):
     assert len(info["layers"][stage]["channels"]) == 8
     with pytest.raises(ConfigError, match="not a module"):
         feature_maps(trained_run, scored_images[0], ["no.such.layer"], out=tmp_path, run=run)
+
+
+def test_explain_cli_refuses_a_ct_dicom_unless_allowed(trained_run, data_root, tmp_path):
+    """`covidcxr explain --allow-non-frontal` reaches the reader; without it the file is skipped with the reason."""
+    from typer.testing import CliRunner
+
+    from covidcxr.cli import app
+    from serving_helpers import ct_dicom
+
+    ct = tmp_path / "ct.dcm"
+    ct.write_bytes(ct_dicom(data_root))
+    refused = CliRunner().invoke(app, ["explain", str(trained_run), str(ct), "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 0, refused.output
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert not summary["images"] and "Modality is CT" in summary["skipped"][0]["reason"]
+    allowed = CliRunner().invoke(app, ["explain", str(trained_run), str(ct), "--out", str(tmp_path / "b"),
+                                       "--allow-non-frontal"])
+    assert allowed.exit_code == 0, allowed.output
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert len(summary["images"]) == 1 and not summary["skipped"]
+    assert (tmp_path / "b" / summary["images"][0]["overlay"]).stat().st_size > 10_000
