@@ -147,7 +147,7 @@ def main() -> None:
         results["sets"][name] = set_result
     results["load_average_at_end"] = os.getloadavg()
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    from covidcxr.models.run import write_json
+    from covidcxr.files import write_json
 
     write_json(args.output, results)
     console.print(f"wrote {args.output}")

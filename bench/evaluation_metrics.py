@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidcxr.evaluation import classification as C
 from covidcxr.evaluation import metrics as M
 
 RESULTS = Path(__file__).resolve().parent / "results" / "evaluation_metrics.json"
@@ -57,9 +58,9 @@ def main() -> None:
             row["delong_brute_force_s"] = _time(lambda: _brute_variance(y, s), repeats=1)
             row["variance_rel_diff"] = abs(M.delong_variance(y, s)[1] / _brute_variance(y, s) - 1)
         if n <= 10_000:
-            row["binary_metrics_1000_boot_s"] = _time(lambda: M.binary_metrics(y, s, 0.5), repeats=1)
+            row["binary_metrics_1000_boot_s"] = _time(lambda: C.binary_metrics(y, s, 0.5), repeats=1)
             row["binary_metrics_patient_bootstrap_1000_s"] = _time(
-                lambda: M.binary_metrics(y, s, 0.5, clusters=pat), repeats=1)
+                lambda: C.binary_metrics(y, s, 0.5, clusters=pat), repeats=1)
         rows.append(row)
         print(row, flush=True)
     result = {"benchmark": "evaluation_metrics", "python": platform.python_version(), "machine": platform.machine(),

@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     from covidcxr.serving.live import free_port
 
-    from covidcxr.models.run import read_run_record
+    from covidcxr.models.record import read_run_record
 
     record = read_run_record(args.run_dir)
     files = _sample_images(args.images)
@@ -154,8 +154,8 @@ def main() -> None:
     lat_ms = 1000 * np.asarray(latencies)
     report = {
         "benchmark": "load_test", "run_dir": str(args.run_dir), "backend": args.backend,
-        "model": {k: record[k] for k in ("architecture", "model_sha256", "classes")}
-        | {"image_size": record["preprocess"]["image_size"]},
+        "model": {"architecture": record.architecture, "model_sha256": record.model_sha256,
+                  "classes": record.classes, "image_size": record.preprocess.image_size},
         "heatmap": not args.no_heatmap, "requests_sent": len(latencies), "requests_planned": args.requests,
         "concurrency": args.concurrency, "server_inference_threads": args.workers,
         "distinct_images": len(images), "image_bytes_mean": int(np.mean([len(b) for b in images])),

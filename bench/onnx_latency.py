@@ -125,11 +125,11 @@ def main() -> None:
     sizes = list(args.sizes)
     architecture, channels, source = args.architecture, args.channels, "random init (weights do not change latency)"
     if args.run_dir is not None:
-        from covidcxr.models.run import read_run_record
+        from covidcxr.models.record import read_run_record
 
         record = read_run_record(args.run_dir)
-        architecture, channels = record["architecture"], record["channels"]
-        sizes = sorted({record["preprocess"]["image_size"], *sizes})
+        architecture, channels = record.architecture, record.channels
+        sizes = sorted({record.preprocess.image_size, *sizes})
         source = f"architecture / channels / size of {args.run_dir}"
     from covidcxr.serving.onnx import export_graph
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from covidcxr.models.run import write_json
+from covidcxr.files import write_json
 from covidcxr.training import run_training
 
 HERE = Path(__file__).resolve().parent

@@ -133,7 +133,7 @@ def main() -> None:
         print(json.dumps(measure(model, device, precision, args.batch, args.size, warmup, steps, args.mode, budget)))
         return
 
-    from covidcxr.models.run import write_json
+    from covidcxr.files import write_json
     from covidcxr.progress import make_progress
 
     load_before = os.getloadavg()
