@@ -328,3 +328,110 @@ def test_holdout_source_patients_are_held_out_in_every_source(split_manifest):
     used = data.train_mask | data.val_mask
     assert not used[ieee_train] and fig1_patient not in set(table.loc[used, "patient_id"])
     assert used.sum() == ((table["split"].isin(["train", "val"])) & (table["source"] != FIG1)).sum() - 1
+
+
+# ---------------------------------------------------------------- storage augmentation (JPEG / resolution)
+
+def _storage_only(**kw) -> AugmentConfig:
+    # geometry and intensity off: what is left is the storage augmentation alone
+    return AugmentConfig(rotation_deg=0, scale=(1.0, 1.0), translate=0, brightness=0, contrast=0, **kw)
+
+
+def _xray_like(size: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    smooth = 0.5 + 0.3 * torch.cos(3 * xx) * torch.cos(2 * yy)
+    return (smooth + 0.08 * torch.rand(size, size, generator=g)).clamp(0, 1)[None]
+
+
+def test_storage_augmentation_config_is_validated():
+    cfg = load_config(None, ["augment.jpeg_p=0.5", "augment.jpeg_quality=[30, 95]", "augment.jpeg_scale=[1, 3]",
+                             "augment.resolution_p=0.3", "augment.resolution_scale=[0.4, 1.0]"])
+    assert cfg.augment.jpeg_quality == (30, 95) and cfg.augment.jpeg_scale == (1.0, 3.0)
+    for bad, key in (("augment.jpeg_quality=[0, 95]", "jpeg_quality"), ("augment.jpeg_quality=[95, 30]", "jpeg_quality"),
+                     ("augment.jpeg_quality=[30.5, 90]", "jpeg_quality"), ("augment.jpeg_quality=[true, 90]", "jpeg_quality"),
+                     ("augment.jpeg_p=1.5", "jpeg_p"), ("augment.jpeg_p=true", "jpeg_p"),
+                     ("augment.jpeg_scale=[0.5, 2]", "jpeg_scale"), ("augment.resolution_scale=[0.5, 1.5]", "resolution_scale"),
+                     ("augment.resolution_p=.nan", "resolution_p")):
+        with pytest.raises(ConfigError, match=rf"augment(\.|: .*){key}"):
+            load_config(None, [bad])
+
+
+def test_jpeg_augmentation_recompresses_at_a_seeded_random_quality():
+    from covidcxr.training.augment import RandomJPEG, jpeg_roundtrip
+
+    img = _xray_like()
+    aug = build_augmentation(_storage_only(jpeg_p=1.0, jpeg_quality=(30, 95)))
+    assert any(isinstance(t, RandomJPEG) for t in aug.transforms)
+    candidates = {q: jpeg_roundtrip(img, q) for q in range(30, 96)}
+    seen = set()
+    for seed in range(12):
+        out = apply_seeded(aug, img, seed)
+        assert out.shape == img.shape and not torch.equal(out, img)
+        match = [q for q, c in candidates.items() if torch.equal(out, c)]
+        assert match, seed  # exactly a JPEG round trip at a quality inside the range
+        seen.add(match[0])
+        assert torch.equal(out, apply_seeded(aug, img, seed))
+    assert len(seen) > 3  # the quality is drawn per seed
+    # lower quality, larger error; p = 0 leaves the image alone
+    err = {q: float((jpeg_roundtrip(img, q) - img).abs().mean()) for q in (95, 70, 30)}
+    assert err[95] < err[70] < err[30]
+    assert torch.equal(apply_seeded(build_augmentation(_storage_only(jpeg_p=0.0)), img, 0), img)
+
+
+def test_jpeg_scale_compresses_an_enlarged_copy():
+    from covidcxr.training.augment import jpeg_roundtrip
+
+    img = _xray_like()
+    plain, enlarged = jpeg_roundtrip(img, 40), jpeg_roundtrip(img, 40, scale=3.0)
+    assert enlarged.shape == img.shape and not torch.equal(plain, enlarged)
+    # compressing a 3x larger original leaves smaller artefacts at this resolution
+    assert float((enlarged - img).abs().mean()) < float((plain - img).abs().mean())
+
+
+def test_resolution_augmentation_removes_fine_detail():
+    from covidcxr.training.augment import RandomResolution
+
+    img = _xray_like()
+    aug = build_augmentation(_storage_only(resolution_p=1.0, resolution_scale=(0.25, 0.3)))
+    assert any(isinstance(t, RandomResolution) for t in aug.transforms)
+    out = apply_seeded(aug, img, 1)
+    assert out.shape == img.shape
+
+    def detail(x):  # energy of the pixel-to-pixel differences
+        return float((x[..., 1:] - x[..., :-1]).pow(2).mean())
+
+    assert detail(out) < 0.3 * detail(img)
+    assert torch.equal(out, apply_seeded(aug, img, 1))
+
+
+def test_dataset_applies_the_storage_augmentation_to_its_items(split_manifest):
+    import functools
+
+    from covidcxr.data.dataset import CXRDataset
+    from covidcxr.data.preprocess import PreprocessSpec
+
+    manifest = split_manifest.subset(mask=(split_manifest.table.index < 2))
+    spec = PreprocessSpec(image_size=64, intensity="none", mean=(0.5,) * 3, std=(0.5,) * 3)
+    aug = build_augmentation(_storage_only(jpeg_p=1.0, jpeg_quality=(20, 20)))
+    ds = CXRDataset(manifest, "binary", spec, augment=functools.partial(apply_seeded, aug))
+    clean, seeded = ds[0][0], ds[(0, 5)][0]
+    assert not torch.equal(clean, seeded) and torch.equal(seeded, ds[(0, 5)][0])
+    assert float((clean - seeded).abs().mean()) < 0.1  # a recompressed copy, not another image
+
+
+def test_objective_and_lpft_config_combinations():
+    cfg = load_config(None, ["train.objective=group_dro", "train.lp_epochs=1", "train.epochs=3", "train.lp_lr=0.003"])
+    assert cfg.train.objective == "group_dro" and cfg.train.lp_epochs == 1 and cfg.train.lp_lr == pytest.approx(0.003)
+    with pytest.raises(ConfigError, match=r"train\.objective"):
+        load_config(None, ["train.objective=auc"])
+    with pytest.raises(ConfigError, match=r"train\.lp_epochs \(3\) must be smaller than train\.epochs \(3\)"):
+        load_config(None, ["train.lp_epochs=3", "train.epochs=3"])
+    with pytest.raises(ConfigError, match=r"train\.lp_epochs needs model\.finetune full or last_k"):
+        load_config(None, ["train.lp_epochs=1", "model.finetune=linear"])
+    with pytest.raises(ConfigError, match=r"train\.objective=within_source_auc .*mixup_alpha"):
+        load_config(None, ["train.objective=within_source_auc", "augment.mixup_alpha=0.2"])
+    with pytest.raises(ConfigError, match=r"train\.dro_eta"):
+        load_config(None, ["train.dro_eta=0"])
+    with pytest.raises(ConfigError, match=r"train: .*lp_epochs: True is a boolean"):
+        load_config(None, ["train.lp_epochs=true"])

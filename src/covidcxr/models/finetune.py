@@ -158,3 +158,30 @@ def param_groups(model: nn.Module, architecture: str, lr: float, backbone_lr_mul
     if not groups:
         raise ConfigError(f"{architecture}: no trainable parameters; check finetune.mode")
     return groups
+
+
+# ---------------------------------------------------------------- LP-FT (linear probe, then fine-tune)
+
+
+def lpft_mode(epoch: int, lp_epochs: int, mode: FinetuneMode) -> FinetuneMode:
+    """The fine-tuning mode of 0-based ``epoch`` under LP-FT: ``linear`` for the first ``lp_epochs``, then ``mode``."""
+    return "linear" if epoch < lp_epochs else mode
+
+
+def apply_lpft_phase(model: nn.Module, architecture: str, epoch: int, lp_epochs: int, mode: FinetuneMode = "full",
+                     last_k: int = 1) -> FinetunePlan:
+    """Freeze ``model`` as LP-FT's phase at ``epoch`` says (Kumar et al., ICLR 2022).
+
+    A function of the epoch alone, so a resumed run sets the same phase as an uninterrupted one.
+    During the probe the backbone is frozen and its BatchNorm layers stay in eval mode (no running
+    statistics change): the head learns on the pretrained features without distorting them.
+    Afterwards ``mode`` (full / last_k) applies as usual; the optimiser must hold every parameter
+    of that final mode from the start (:func:`param_groups` after ``apply_finetune(model, mode)``),
+    frozen ones simply get no gradient.
+    """
+    return apply_finetune(model, architecture, mode=lpft_mode(epoch, lp_epochs, mode), last_k=last_k)
+
+
+def is_head_group(group: dict) -> bool:
+    """Whether an optimiser group from :func:`param_groups` holds head parameters."""
+    return str(group.get("name", "")).startswith("head")

@@ -96,12 +96,45 @@ class AugmentConfig(_Section):
     mixup_alpha: float = Field(0.0, ge=0)
     cutmix_alpha: float = Field(0.0, ge=0)
     mix_p: float = Field(1.0, ge=0, le=1)  # probability a batch is mixed when an alpha > 0
+    # Storage / format augmentation, for every class alike: JPEG re-compression at a quality drawn
+    # uniformly from jpeg_quality (integers 1-100), optionally of the image first enlarged by a factor
+    # from jpeg_scale (compressing a larger original, whose 8x8 blocks shrink with it); and a
+    # downscale-upscale round trip to a side of S x a factor from resolution_scale. Off by default.
+    jpeg_p: float = Field(0.0, ge=0, le=1)
+    jpeg_quality: tuple[int, int] = (30, 95)
+    jpeg_scale: tuple[float, float] = (1.0, 1.0)
+    resolution_p: float = Field(0.0, ge=0, le=1)
+    resolution_scale: tuple[float, float] = (0.4, 1.0)
 
     @field_validator("scale", "gamma", "blur_sigma")
     @classmethod
     def _ordered(cls, v):
         if v[0] > v[1] or v[0] <= 0:
             raise ValueError(f"need 0 < low <= high, got {list(v)}")
+        return v
+
+    @field_validator("jpeg_quality", mode="before")
+    @classmethod
+    def _quality(cls, v):
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            if any(isinstance(q, bool) or not isinstance(q, int) for q in v):
+                raise ValueError(f"need two whole numbers 1 <= low <= high <= 100, got {list(v)}")
+            if not 1 <= v[0] <= v[1] <= 100:
+                raise ValueError(f"need 1 <= low <= high <= 100, got {list(v)}")
+        return v
+
+    @field_validator("jpeg_scale")
+    @classmethod
+    def _jpeg_scale(cls, v):
+        if not 1.0 <= v[0] <= v[1] <= 4.0:
+            raise ValueError(f"need 1 <= low <= high <= 4, got {list(v)}")
+        return v
+
+    @field_validator("resolution_scale")
+    @classmethod
+    def _resolution_scale(cls, v):
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"need 0 < low <= high <= 1, got {list(v)}")
         return v
 
 
@@ -123,6 +156,18 @@ class TrainConfig(_Section):
     selection_metric: Literal["auc", "within_source_auc", "val_loss"] = "within_source_auc"
     loss_weighting: Literal["none", "class_weighted"] = "none"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Training objective (covidcxr.training.objectives): ce (cross-entropy); group_dro (worst-group
+    # weighting over (source, class) cells, online exponentiated-gradient weights with step dro_eta);
+    # within_source_auc (logistic pairwise loss on positive-negative pairs of the SAME source in a
+    # batch, plus auc_ce_weight x cross-entropy).
+    objective: Literal["ce", "group_dro", "within_source_auc"] = "ce"
+    dro_eta: float = Field(0.05, gt=0)
+    auc_ce_weight: float = Field(0.5, ge=0)
+    # LP-FT: the first lp_epochs epochs train the head only (backbone frozen, its BatchNorm in eval
+    # mode) at lp_lr (None: lr), then model.finetune trains with the backbone at lr x model.backbone_lr_mult,
+    # the schedule (warm-up + cosine / step) restarting for the remaining epochs. 0: off.
+    lp_epochs: int = Field(0, ge=0)
+    lp_lr: Optional[float] = Field(None, gt=0)
     sampler: Literal["none", "balanced", "source_balanced"] = "source_balanced"
     # Relative draw weight of sources that hold one class only (see docs/training.md); 0 drops them.
     single_class_source_weight: float = Field(1.0, ge=0)
@@ -169,6 +214,20 @@ class TrainingConfig(_Section):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        t, a = self.train, self.augment
+        if t.lp_epochs and t.lp_epochs >= t.epochs:
+            raise ValueError(f"train.lp_epochs ({t.lp_epochs}) must be smaller than train.epochs ({t.epochs}): "
+                             "LP-FT needs at least one fine-tuning epoch after the linear probe")
+        if t.lp_epochs and self.model.finetune == "linear":
+            raise ValueError("train.lp_epochs needs model.finetune full or last_k (with finetune=linear the whole "
+                             "run is already a linear probe)")
+        if t.objective != "ce" and a.enabled and (a.mixup_alpha > 0 or a.cutmix_alpha > 0):
+            raise ValueError(f"train.objective={t.objective} works on per-image labels; it cannot be combined "
+                             "with augment.mixup_alpha / augment.cutmix_alpha (set them to 0)")
+        return self
 
 
 # ---------------------------------------------------------------- loading

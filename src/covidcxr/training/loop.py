@@ -38,8 +38,8 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from covidcxr.data.dataset import CXRDataset
@@ -47,10 +47,12 @@ from covidcxr.data.labels import LabelSpace, get_label_space
 from covidcxr.data.manifest import Manifest
 from covidcxr.errors import ConfigError, CovidCXRError
 from covidcxr.files import atomic_write_bytes, dumps_json
+from covidcxr.models.finetune import apply_lpft_phase
 from covidcxr.models.run import save_weights
 from covidcxr.training.augment import BatchMixer, apply_seeded, build_augmentation
 from covidcxr.training.config import TrainingConfig, dump_config
 from covidcxr.training.finalize import finalize_run, write_val_predictions
+from covidcxr.training.objectives import CrossEntropy, build_objective
 from covidcxr.training.optim import build_model, build_optimizer, build_scheduler, build_spec, class_loss_weights
 from covidcxr.training.rows import TrainingData, prepare_training_data
 from covidcxr.training.sampling import make_batch_sampler
@@ -78,22 +80,25 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, mixer: BatchMixer, loss_weights, *, device, config: TrainingConfig,
-                    progress, epoch: int) -> dict:
+def train_one_epoch(model, loader, optimizer, scheduler, mixer: BatchMixer, objective: CrossEntropy,
+                    item_groups: np.ndarray, *, device, config: TrainingConfig, progress, epoch: int) -> dict:
+    """One epoch; ``objective`` (covidcxr.training.objectives) gives the loss, ``item_groups`` the
+    (source, class) cell id of every training item (group DRO, within-source pairs)."""
     t = config.train
     model.train()  # frozen BatchNorm layers stay in eval mode (hooks from apply_finetune)
     cl = device.type == "cuda" and t.channels_last
     total_loss, n_seen, t0 = 0.0, 0, time.perf_counter()
     task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(loader) * loader.batch_sampler.batch_size,
                              loss=float("nan"))
-    weights = loss_weights.to(device) if loss_weights is not None else None
-    for x, y, _ in loader:
+    groups_all = torch.from_numpy(np.asarray(item_groups, dtype=np.int64))
+    for x, y, idx in loader:
         x = x.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format)
         y = y.to(device)
+        groups = groups_all[idx].to(device)
         x, soft = mixer(x, y)
         with autocast(device, t.amp):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), soft, weight=weights, label_smoothing=t.label_smoothing)
+        loss = objective(logits.float(), soft, y, groups)
         if not torch.isfinite(loss):
             raise TrainingDiverged(_divergence_message(config, epoch, n_seen // max(1, len(y)) + 1, logits))
         optimizer.zero_grad(set_to_none=True)
@@ -214,6 +219,9 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
     steps_per_epoch = len(sampler)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     loss_weights = class_loss_weights(config, train_ds)
+    objective, item_groups = build_objective(config, class_weights=loss_weights, sources=train_ds.sources,
+                                             targets=train_ds.targets, classes=space.classes, positive=positive)
+    objective.to(device)
     mixer = BatchMixer.from_config(config.augment, len(space.classes))
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=_collate,
                         worker_init_fn=_worker_init if t.num_workers else None,
@@ -228,6 +236,7 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
         set_rng_state(ckpt["rng"])
         start_epoch, best, best_epoch = int(ckpt["epoch"]), ckpt["best_value"], ckpt["best_epoch"]
         bad_epochs, history = int(ckpt["bad_epochs"]), [json.loads(h) for h in ckpt["history"]]
+        objective.load_state_dict(ckpt.get("objective", {}))
         log.info("resuming %s after epoch %d", out_dir, start_epoch)
     # metrics.jsonl holds exactly the finished epochs (a killed epoch's line, if any, is dropped).
     atomic_write_bytes(out_dir / METRICS_FILE, "".join(_json_line(h) for h in history).encode())
@@ -240,10 +249,17 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                 break
             seed_everything(t.seed, epoch)
             sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            record = {"epoch": epoch + 1, "lr": lr}
-            record.update(train_one_epoch(model, loader, optimizer, scheduler, mixer, loss_weights, device=device,
-                                          config=config, progress=progress, epoch=epoch))
+            record = {"epoch": epoch + 1}
+            if t.lp_epochs:
+                # LP-FT: the phase (frozen backbone or config.model.finetune) is a function of the epoch.
+                plan = apply_lpft_phase(model, config.model.name, epoch, t.lp_epochs, config.model.finetune,
+                                        config.model.last_k)
+                record["phase"] = "linear_probe" if plan.mode == "linear" else "finetune"
+            record["lr"] = optimizer.param_groups[0]["lr"]
+            record.update(train_one_epoch(model, loader, optimizer, scheduler, mixer, objective, item_groups,
+                                          device=device, config=config, progress=progress, epoch=epoch))
+            if t.objective == "group_dro":
+                record["dro_group_weights"] = objective.summary()["group_weights"]
             tv = time.perf_counter()
             probs = predict_dataset(model, val_ds, batch_size=t.batch_size * 2, device=device, amp=t.amp,
                                     channels_last=device.type == "cuda" and t.channels_last, tta=config.ensemble.tta)
@@ -273,7 +289,7 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "best_value": best,
                 "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "history": [json.dumps(h) for h in history],
+                "history": [json.dumps(h) for h in history], "objective": objective.state_dict(),
             })
             if t.progress:
                 progress.console.print(epoch_summary(record), highlight=False)
@@ -283,7 +299,10 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
         raise CovidCXRError(f"{out_dir}: no epoch produced a finite {t.selection_metric}; nothing to save")
     return finalize_run(config, out_dir, model, spec, space, train_ds, val_ds, data, history, best, best_epoch,
                         stopped_early, time.perf_counter() - started, device, write_card,
-                        {"finetune": finetune_plan, **(extra_info or {})})
+                        {"finetune": finetune_plan, "objective": objective.summary(),
+                         "lp_ft": ({"lp_epochs": t.lp_epochs, "lp_lr": t.lp_lr or t.lr,
+                                    "backbone_lr_mult": config.model.backbone_lr_mult} if t.lp_epochs else None),
+                         **(extra_info or {})})
 
 
 def epoch_summary(record: dict) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from covidcxr.data.dataset import CXRDataset
-from covidcxr.models.finetune import apply_finetune, param_groups
+from covidcxr.models.finetune import apply_finetune, is_head_group, param_groups
 from covidcxr.models.registry import create_model, resolve_spec
 from covidcxr.data.preprocess import PreprocessSpec
 from covidcxr.training.config import TrainingConfig
@@ -54,13 +54,28 @@ def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, schedule: str, wa
     return 1.0
 
 
+def lpft_lr_factor(step: int, *, head: bool, lp_steps: int, lp_scale: float, steps_per_epoch: int, epochs: int,
+                   lp_epochs: int, **kw) -> float:
+    """LP-FT multiplier of a group's base lr: during the probe (the first ``lp_steps`` steps) the head
+    runs its own schedule over ``lp_epochs`` at ``lp_scale`` x lr and the backbone stands still (0);
+    then both follow the schedule afresh (warm-up included) over the remaining epochs."""
+    if step < lp_steps:
+        return lp_scale * lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=lp_epochs, **kw) if head else 0.0
+    return lr_factor(step - lp_steps, steps_per_epoch=steps_per_epoch, epochs=epochs - lp_epochs, **kw)
+
+
 def build_scheduler(config: TrainingConfig, optimizer, steps_per_epoch: int):
     t = config.train
     kw = dict(steps_per_epoch=steps_per_epoch, epochs=t.epochs, schedule=t.schedule, warmup_epochs=t.warmup_epochs,
               step_epochs=t.step_epochs, step_gamma=t.step_gamma)
     # A plain function (not a callable object) keeps the scheduler state free of pickled objects,
     # so the checkpoint loads with torch.load(weights_only=True).
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **kw))
+    if not t.lp_epochs:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **kw))
+    lp = dict(kw, lp_steps=t.lp_epochs * steps_per_epoch, lp_scale=(t.lp_lr or t.lr) / t.lr, lp_epochs=t.lp_epochs)
+    lambdas = [(lambda s: lpft_lr_factor(s, head=True, **lp)) if is_head_group(g) else
+               (lambda s: lpft_lr_factor(s, head=False, **lp)) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def class_loss_weights(config: TrainingConfig, dataset: CXRDataset) -> torch.Tensor | None:

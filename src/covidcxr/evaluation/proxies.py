@@ -1,0 +1,499 @@
+"""Shortcut proxies: honest checks of a trained run that need only the shared data.
+
+The external hospital data that shows the collapse is not ours to use; these measure, on a run's
+own held-out split (default ``test``, never trained or selected on), whether the model looks at the
+disease or at the collection an image came from:
+
+* :func:`discrimination`: plain AUC (DeLong CI), **within-source AUC** (pairs only inside the sources
+  holding both classes: IEEE8023, Figure1), and the cross-source AUC of COVID against the negatives of
+  the one-class sources (NIH, Kermany, RSNA) - the part of the plain AUC a source detector gets for free.
+* :func:`compression_invariance`: the same images re-saved losslessly (PNG) and as JPEG q90 / 70 / 50,
+  predicted through :func:`covidcxr.models.predict.predict_paths`; mean |change in P(covid)|, mean signed
+  change and the share of decisions that flip, per class, with patient-bootstrap CIs. A model that reads
+  the disease should not care how the file was stored.
+* :func:`lungs_removed`: the lungs blacked out with one lung template (the mean of the shared lung masks,
+  the same region for every image and class, so the masking itself carries no label) and, separately,
+  everything *but* the lungs blacked out. AUC should fall toward 0.5 without the lungs for a model that
+  uses them, and hold with the lungs only. The annotated COVID images (v7labs / lungVAE masks / boxes)
+  also get their own lungs removed: the mean drop of P(covid).
+* :func:`source_probe`: how well the features the classifier head sees predict the source
+  (standardised logistic regression, patient-grouped stratified k-fold, balanced accuracy against
+  chance 1/k, patient-bootstrap CI). Fine-tuning that raises it above the ImageNet features' value
+  has learned the collections.
+
+``run_proxies(run_dir)`` computes all of them and writes ``proxies.json`` + ``proxy_scores.csv``
+(one row per image, every score, for paired DeLong comparisons between runs) into ``out``.
+Command: ``python -m covidcxr.evaluation.proxies RUN_DIR [--out DIR] [--split test]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.errors import CovidCXRError
+from covidcxr.evaluation.metrics import (auc_ci, auc_score, bootstrap_ci, cluster_indices, wilson_ci,
+                                         within_source_auc_details)
+from covidcxr.files import jsonable, write_json
+
+#: JPEG qualities of the compression proxy (q90 is how the shared images are stored).
+QUALITIES = (90, 70, 50)
+#: A pixel belongs to the lung template when at least this share of the annotated lungs covers it.
+TEMPLATE_LEVEL = 0.3
+TEMPLATE_SIZE = 128
+
+
+# ---------------------------------------------------------------- predictions (+ head features)
+
+
+def _unwrap(model):
+    from covidcxr.models.run import FlipTTAModel
+
+    while isinstance(model, FlipTTAModel):
+        model = model.model
+    return model
+
+
+class _HeadInputs:
+    """Collects the input of the classifier head (the penultimate features) during predictions."""
+
+    def __init__(self, run):
+        from covidcxr.models.registry import get_architecture
+
+        self.buffer: list = []
+        self.handle = None
+        if run.record.members:
+            return  # an ensemble has no single feature space
+        inner = _unwrap(run.model)
+        prefixes = get_architecture(run.record.architecture).head(inner)
+        module = inner.get_submodule(prefixes[0].rstrip("."))
+        self.handle = module.register_forward_pre_hook(
+            lambda mod, args: self.buffer.append(args[0].detach().flatten(1).float().cpu().numpy()))
+
+    def take(self) -> np.ndarray | None:
+        if not self.buffer:
+            return None
+        out = np.mean(np.stack(self.buffer), axis=0)  # flip TTA: mean of image and mirror
+        self.buffer = []
+        return out
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def predict_files(run, paths: Sequence[str | Path], *, features: bool = False, batch_size: int = 32,
+                  progress: bool = False) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """P(positive) of every file (``path``, ``score``; bad files raise) and optionally head features."""
+    from covidcxr.models.predict import predict_paths
+
+    if run.positive_class is None:
+        raise CovidCXRError(f"{run.run_dir}: the proxies need a run with a positive class (e.g. binary covid)")
+    hook = _HeadInputs(run) if features else None
+    feats: list[np.ndarray] = []
+
+    def on_batch(records, rows, bad):
+        if hook is not None:
+            f = hook.take()
+            if f is not None and len(records):
+                feats.append(f)
+
+    try:
+        preds = predict_paths(run, [str(p) for p in paths], batch_size=batch_size, progress=progress,
+                              on_batch=on_batch)
+    finally:
+        if hook is not None:
+            hook.close()
+    if preds.skipped:
+        raise CovidCXRError(f"{len(preds.skipped)} image(s) could not be read, e.g. {preds.skipped[0][0]}: "
+                            f"{preds.skipped[0][1]}")
+    table = pd.DataFrame({"path": preds.table["path"].astype(str),
+                          "score": preds.table[f"prob_{run.positive_class}"].astype(float)})
+    f = np.concatenate(feats) if feats and hook is not None and hook.handle is not None else None
+    return table, f
+
+
+def split_rows(run, split: str = "test") -> pd.DataFrame:
+    """The run's ``split`` rows (from its own ``split.csv``) the label space includes, with ``path`` and ``y``."""
+    from covidcxr.evaluation.evaluate import run_label_space, run_manifest
+
+    manifest = run_manifest(run)
+    space = run_label_space(run)
+    table = manifest.table.reset_index(drop=True)
+    cls = space.assign(table)
+    keep = (table["split"].astype(str) == split).to_numpy() & cls.notna().to_numpy()
+    if not keep.any():
+        raise CovidCXRError(f"{run.run_dir}: no {split!r} rows in the run's split.csv")
+    rows = table.loc[keep, ["image", "patient_id", "source", "label"]].copy()
+    rows["path"] = [str(p) for p, k in zip(manifest.image_paths(check_root=True), keep) if k]
+    rows["y"] = (cls[keep] == run.positive_class).astype(int).to_numpy()
+    return rows.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- discrimination
+
+
+def one_class_sources(y: np.ndarray, sources: np.ndarray) -> set[str]:
+    t = pd.DataFrame({"s": sources, "y": y})
+    return {s for s, g in t.groupby("s") if g["y"].nunique() == 1}
+
+
+def defined_sources(y: np.ndarray, sources: np.ndarray, minimum: int = 2) -> list[str]:
+    """Sources holding at least ``minimum`` positives and negatives (where DeLong has a variance)."""
+    t = pd.DataFrame({"s": sources, "y": y})
+    return sorted(s for s, g in t.groupby("s") if g["y"].sum() >= minimum and (1 - g["y"]).sum() >= minimum)
+
+
+def within_source_auc_defined(y, score, sources) -> dict:
+    """Within-source AUC over the sources with >= 2 images of each class, so that it has a CI.
+
+    (The shared test split's Figure1 part holds a single normal image: with it the pooled DeLong CI
+    is undefined, so it is left out here and named in ``sources_left_out``; ``within_source_auc_all``
+    keeps it.)"""
+    y, score = np.asarray(y, int), np.asarray(score, float)
+    sources = np.asarray(sources, dtype=object).astype(str)
+    keep_sources = defined_sources(y, sources)
+    mixed = sorted(set(sources) - one_class_sources(y, sources))
+    if not keep_sources:
+        return {"value": None, "ci_low": None, "ci_high": None, "note": "no source with >= 2 images of each class"}
+    m = np.isin(sources, keep_sources)
+    d = within_source_auc_details(y[m], score[m], sources[m])
+    d["sources_left_out"] = [s for s in mixed if s not in keep_sources]
+    return d
+
+
+def discrimination(y, score, sources) -> dict:
+    """Plain AUC, within-source AUC and cross-source AUC (COVID vs one-class-source negatives), with CIs."""
+    y, score, sources = np.asarray(y, int), np.asarray(score, float), np.asarray(sources, dtype=object).astype(str)
+    out = {"n": int(len(y)), "n_positive": int(y.sum()), "auc": auc_ci(y, score).to_dict(),
+           "within_source_auc": within_source_auc_defined(y, score, sources),
+           "within_source_auc_all": within_source_auc_details(y, score, sources)}
+    single = one_class_sources(y, sources)
+    cross = (y == 1) | np.isin(sources, list(single))
+    if 0 < y[cross].sum() < cross.sum():
+        out["cross_source_auc"] = {**auc_ci(y[cross], score[cross]).to_dict(),
+                                   "negatives_from": sorted(single)}
+    return out
+
+
+# ---------------------------------------------------------------- derived images (written once, reused)
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _read_u8(path: str | Path) -> np.ndarray:
+    from covidcxr.data.io import read_xray
+
+    return np.round(np.clip(read_xray(path).pixels, 0, 1) * 255).astype(np.uint8)
+
+
+def _save(u8: np.ndarray, path: Path, quality: int | None) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp" + path.suffix)
+        img = Image.fromarray(u8, mode="L")
+        if quality is None:
+            img.save(tmp, format="PNG")
+        else:
+            img.save(tmp, format="JPEG", quality=int(quality))
+        tmp.replace(path)
+    return path
+
+
+def resaved_copies(paths: Sequence[str], folder: str | Path, qualities: Sequence[int] = QUALITIES
+                   ) -> dict[str, list[Path]]:
+    """``{"png": [...], "q90": [...], ...}``: each image's decoded pixels re-saved losslessly and as JPEG."""
+    folder = Path(folder)
+    out: dict[str, list[Path]] = {"png": []} | {f"q{q}": [] for q in qualities}
+    for p in paths:
+        key = _digest(Path(p).resolve())
+        targets = {"png": folder / "png" / f"{key}.png"} | {f"q{q}": folder / f"q{q}" / f"{key}.jpg" for q in qualities}
+        if not all(t.exists() for t in targets.values()):
+            u8 = _read_u8(p)
+            _save(u8, targets["png"], None)
+            for q in qualities:
+                _save(u8, targets[f"q{q}"], q)
+        for k, t in targets.items():
+            out[k].append(t)
+    return out
+
+
+@lru_cache(maxsize=4)
+def lung_template(annotations_folder: str, size: int = TEMPLATE_SIZE, level: float = TEMPLATE_LEVEL) -> np.ndarray:
+    """bool size x size: where at least ``level`` of the annotated lungs lie (image stretched to a square).
+
+    Built from every annotated image's preferred lung region (v7labs, else lungVAE, else boxes) of
+    the shared annotations; one template for every image, so masking carries no class information.
+    """
+    import cv2
+
+    from covidcxr.explain.annotations import Annotations
+
+    ann = Annotations(annotations_folder)
+    acc, n = np.zeros((size, size), dtype=np.float64), 0
+    for key in ann.index.index:
+        path = ann.root / key
+        if not path.is_file():
+            continue
+        shape = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).shape
+        region = ann.lung_region(key, shape)
+        if region is None:
+            continue
+        acc += cv2.resize(region.lung.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        n += 1
+    if not n:
+        raise CovidCXRError(f"{annotations_folder}: no lung regions to build a template from")
+    return (acc / n) >= level
+
+
+def _template_at(template: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(template.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def masked_copies(paths: Sequence[str], folder: str | Path, template: np.ndarray, annotations=None
+                  ) -> dict[str, list[Path | None]]:
+    """PNG copies with the template lungs black (``no_lungs``), all but the lungs black (``lungs_only``)
+    and, for annotated images, their own lung region black (``own_lungs_removed``, else None)."""
+    folder = Path(folder)
+    tkey = _digest(template.shape, hashlib.sha256(np.packbits(template).tobytes()).hexdigest())
+    out: dict[str, list] = {"no_lungs": [], "lungs_only": [], "own_lungs_removed": []}
+    for p in paths:
+        key = _digest(Path(p).resolve(), tkey)
+        t_no, t_only = folder / "no_lungs" / f"{key}.png", folder / "lungs_only" / f"{key}.png"
+        t_own = folder / "own_lungs_removed" / f"{key}.png"
+        region_kinds = annotations.available(p) if annotations is not None else []
+        need = [t_no, t_only] + ([t_own] if region_kinds else [])
+        if not all(t.exists() for t in need):
+            u8 = _read_u8(p)
+            lung = _template_at(template, u8.shape)
+            _save(np.where(lung, 0, u8).astype(np.uint8), t_no, None)
+            _save(np.where(lung, u8, 0).astype(np.uint8), t_only, None)
+            if region_kinds:
+                region = annotations.lung_region(p, u8.shape)
+                _save(np.where(region.lung, 0, u8).astype(np.uint8), t_own, None)
+        out["no_lungs"].append(t_no)
+        out["lungs_only"].append(t_only)
+        out["own_lungs_removed"].append(t_own if region_kinds else None)
+    return out
+
+
+# ---------------------------------------------------------------- proxies
+
+
+def _mean_ci(values: np.ndarray, clusters: np.ndarray, *, n_boot: int, seed: int) -> dict:
+    values = np.asarray(values, float)
+    if not len(values):
+        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+    lo, hi = bootstrap_ci(lambda idx: float(values[idx].mean()), len(values), clusters=clusters, n_boot=n_boot,
+                          seed=seed)
+    return jsonable({"value": float(values.mean()), "ci_low": lo, "ci_high": hi, "n": int(len(values)),
+                     "method": "patient bootstrap"})
+
+
+def compression_sample(rows: pd.DataFrame, per_source: int = 20, seed: int = 0) -> pd.DataFrame:
+    """The images of the compression proxy: every image of the sources holding both classes and up
+    to ``per_source`` (seeded) of each one-class source."""
+    single = one_class_sources(rows["y"].to_numpy(), rows["source"].astype(str).to_numpy())
+    rng = np.random.default_rng([seed, 11])
+    parts = []
+    for source, group in rows.groupby("source", sort=True):
+        if source in single and len(group) > per_source:
+            group = group.iloc[np.sort(rng.choice(len(group), per_source, replace=False))]
+        parts.append(group)
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def compression_invariance(run, rows: pd.DataFrame, folder: str | Path, *, qualities: Sequence[int] = QUALITIES,
+                           n_boot: int = 1000, seed: int = 0) -> tuple[dict, pd.DataFrame]:
+    """P(positive) of lossless vs JPEG re-saves of the same images; (summary, per-image scores)."""
+    copies = resaved_copies(rows["path"].tolist(), folder, qualities)
+    scores = rows[["image", "patient_id", "source", "label", "y"]].copy()
+    for name, paths in copies.items():
+        scores[f"p_{name}"] = predict_files(run, paths)[0]["score"].to_numpy()
+    threshold = run.threshold
+    y, clusters = scores["y"].to_numpy(), scores["patient_id"].astype(str).to_numpy()
+    out: dict = {"n": int(len(scores)), "n_positive": int(y.sum()), "threshold": threshold,
+                 "reference": "png (lossless copy of the stored pixels)", "qualities": {}}
+    for q in qualities:
+        d = scores[f"p_q{q}"].to_numpy() - scores["p_png"].to_numpy()
+        entry = {"mean_abs_change": _mean_ci(np.abs(d), clusters, n_boot=n_boot, seed=seed)}
+        for cls_name, m in (("negatives", y == 0), ("positives", y == 1)):
+            entry[cls_name] = {"mean_abs_change": _mean_ci(np.abs(d[m]), clusters[m], n_boot=n_boot, seed=seed),
+                               "mean_change": _mean_ci(d[m], clusters[m], n_boot=n_boot, seed=seed)}
+            if threshold is not None and m.any():
+                flips = int(((scores["p_png"].to_numpy()[m] >= threshold) != (scores[f"p_q{q}"].to_numpy()[m] >= threshold)).sum())
+                lo, hi = wilson_ci(flips, int(m.sum()))
+                entry[cls_name]["decision_flips"] = jsonable({"value": flips / int(m.sum()), "ci_low": lo,
+                                                              "ci_high": hi, "count": flips, "n": int(m.sum()),
+                                                              "method": "Wilson"})
+        if 0 < y.sum() < len(y):
+            entry["auc"] = auc_score(y, scores[f"p_q{q}"].to_numpy())
+        out["qualities"][f"q{q}"] = entry
+    if 0 < y.sum() < len(y):
+        out["auc_png"] = auc_score(y, scores["p_png"].to_numpy())
+    return jsonable(out), scores
+
+
+def lungs_removed(run, rows: pd.DataFrame, folder: str | Path, annotations_folder: str | Path, *,
+                  base_scores: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> tuple[dict, pd.DataFrame]:
+    """AUCs with the template lungs removed / kept alone, and P(covid) of annotated COVID images without their lungs."""
+    from covidcxr.explain.annotations import Annotations
+
+    annotations = Annotations(annotations_folder)
+    template = lung_template(str(Path(annotations_folder).resolve()))
+    copies = masked_copies(rows["path"].tolist(), folder, template, annotations)
+    scores = rows[["image", "patient_id", "source", "label", "y"]].copy()
+    scores["p_original"] = base_scores if base_scores is not None else predict_files(run, rows["path"])[0]["score"].to_numpy()
+    for name in ("no_lungs", "lungs_only"):
+        scores[f"p_{name}"] = predict_files(run, copies[name])[0]["score"].to_numpy()
+    own = [p for p in copies["own_lungs_removed"]]
+    has_own = np.asarray([p is not None for p in own])
+    scores["p_own_lungs_removed"] = np.nan
+    if has_own.any():
+        scores.loc[has_own, "p_own_lungs_removed"] = predict_files(run, [p for p in own if p is not None])[0]["score"].to_numpy()
+    y, src = scores["y"].to_numpy(), scores["source"].astype(str).to_numpy()
+    out: dict = {"template": {"level": TEMPLATE_LEVEL, "size": TEMPLATE_SIZE, "area_share": float(template.mean())}}
+    for name in ("original", "no_lungs", "lungs_only"):
+        s = scores[f"p_{name}"].to_numpy()
+        out[name] = {"auc": auc_ci(y, s).to_dict(), "within_source_auc": _wsa_short(y, s, src),
+                     "mean_p_negatives": float(s[y == 0].mean()) if (y == 0).any() else None,
+                     "mean_p_positives": float(s[y == 1].mean()) if (y == 1).any() else None}
+    m = has_own & (y == 1)
+    d = scores.loc[m, "p_own_lungs_removed"].to_numpy() - scores.loc[m, "p_original"].to_numpy()
+    out["own_lungs_removed_positives"] = {
+        "n": int(m.sum()), "mean_p_original": float(scores.loc[m, "p_original"].mean()) if m.any() else None,
+        "mean_p_removed": float(scores.loc[m, "p_own_lungs_removed"].mean()) if m.any() else None,
+        "mean_change": _mean_ci(d, scores.loc[m, "patient_id"].astype(str).to_numpy(), n_boot=n_boot, seed=seed)}
+    return jsonable(out), scores
+
+
+def _wsa_short(y, s, src) -> dict:
+    d = within_source_auc_defined(y, s, src)
+    return {k: d.get(k) for k in ("value", "ci_low", "ci_high", "pairs", "sources_used")}
+
+
+def source_probe(features: np.ndarray, sources: Sequence, patients: Sequence, *, folds: int = 5, seed: int = 0,
+                 n_boot: int = 1000, min_images: int = 10, C: float = 1.0) -> dict:
+    """Balanced accuracy of predicting the source from ``features`` (patient-grouped CV), vs chance."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    src = np.asarray(sources, dtype=object).astype(str)
+    pat = np.asarray(patients, dtype=object).astype(str)
+    counts = pd.DataFrame({"s": src, "p": pat}).groupby("s").agg(n=("p", "size"), patients=("p", "nunique"))
+    kept = sorted(counts.index[(counts["n"] >= min_images) & (counts["patients"] >= folds)])
+    m = np.isin(src, kept)
+    if len(kept) < 2:
+        return {"value": None, "note": f"fewer than 2 sources with >= {min_images} images and >= {folds} patients"}
+    X, s, g = np.asarray(features, float)[m], src[m], pat[m]
+    pred = np.empty(len(s), dtype=object)
+    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, test in cv.split(X, s, g):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000, class_weight="balanced"))
+        clf.fit(X[train], s[train])
+        pred[test] = clf.predict(X[test])
+    value = float(balanced_accuracy_score(s, pred))
+    lo, hi = bootstrap_ci(lambda idx: float(balanced_accuracy_score(s[idx], pred[idx])) if len(set(s[idx])) > 1
+                          else float("nan"), len(s), clusters=g, n_boot=n_boot, seed=seed)
+    return jsonable({"value": value, "ci_low": lo, "ci_high": hi, "chance": 1.0 / len(kept), "sources": kept,
+                     "n": int(len(s)), "folds": folds, "method": "standardised logistic regression (C=%g), "
+                     "patient-grouped stratified k-fold, out-of-fold balanced accuracy, patient bootstrap CI" % C})
+
+
+def run_proxies(run_dir: str | Path, out: str | Path | None = None, *, split: str = "test",
+                work_dir: str | Path | None = None, per_source: int = 20, qualities: Sequence[int] = QUALITIES,
+                annotations_folder: str | Path | None = None, n_boot: int = 1000, seed: int = 0,
+                features: bool = True, limit_per_source: int | None = None) -> dict:
+    """All proxies of ``run_dir`` on its own ``split`` rows; writes ``proxies.json`` / ``proxy_scores.csv`` to ``out``.
+
+    ``work_dir`` keeps the re-saved / masked image copies (they depend only on the images, so several
+    runs can share one folder); default: a folder under the cache directory.
+    """
+    from covidcxr import paths as cpaths
+    from covidcxr.models.run import load_run
+
+    t0 = time.perf_counter()
+    run = load_run(run_dir)
+    rows = split_rows(run, split)
+    if limit_per_source:  # a quick look (tests, smoke runs): a seeded sample of each source, both classes kept
+        rng = np.random.default_rng([seed, 13])
+        keep = [np.sort(rng.choice(idx, min(len(idx), limit_per_source), replace=False))
+                for _, idx in sorted(rows.groupby(["source", "y"]).indices.items())]
+        rows = rows.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
+    work = Path(work_dir) if work_dir is not None else cpaths.cache_dir() / "proxies"
+    annotations_folder = Path(annotations_folder) if annotations_folder is not None else cpaths.data_root() / "annotations"
+    base, feats = predict_files(run, rows["path"], features=features)
+    y, src = rows["y"].to_numpy(), rows["source"].astype(str).to_numpy()
+    result: dict = {"run": str(run_dir), "split": split, "limit_per_source": limit_per_source, "model_sha256": run.model_sha256, "threshold": run.threshold,
+                    "positive_class": run.positive_class, "discrimination": discrimination(y, base["score"], src)}
+    sample = compression_sample(rows, per_source, seed)
+    result["compression"], comp_scores = compression_invariance(run, sample, work / "resaved", qualities=qualities,
+                                                                n_boot=n_boot, seed=seed)
+    result["lungs"], lung_scores = lungs_removed(run, rows, work / "masked", annotations_folder,
+                                                 base_scores=base["score"].to_numpy(), n_boot=n_boot, seed=seed)
+    if feats is not None:
+        result["source_probe"] = source_probe(feats, src, rows["patient_id"], seed=seed, n_boot=n_boot)
+    else:
+        result["source_probe"] = {"value": None, "note": "no single feature space (ensemble)"}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    table = lung_scores.rename(columns={"p_original": "score"})
+    table = table.merge(comp_scores[["image"] + [c for c in comp_scores.columns if c.startswith("p_")]],
+                        on="image", how="left")
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "proxies.json", result)
+        table.to_csv(out / "proxy_scores.csv", index=False)
+    result["_scores"] = table
+    return result
+
+
+def summary_line(result: dict) -> str:
+    d = result["discrimination"]
+    w = d["within_source_auc"]
+    c = result["compression"]["qualities"]
+    q = "q70" if "q70" in c else next(iter(c))
+    parts = [f"AUC {d['auc']['value']:.3f}", f"within-source AUC {w['value']:.3f}"
+             f" [{w['ci_low'] if w['ci_low'] is None else round(w['ci_low'], 3)}, "
+             f"{w['ci_high'] if w['ci_high'] is None else round(w['ci_high'], 3)}]",
+             f"{q} mean |dP| {c[q]['mean_abs_change']['value']:.3f}",
+             f"no-lungs AUC {result['lungs']['no_lungs']['auc']['value']:.3f}",
+             f"source probe {result['source_probe'].get('value')}"]
+    return " | ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m covidcxr.evaluation.proxies", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", default=None, help="folder for proxies.json / proxy_scores.csv (default: RUN_DIR/proxies)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--work-dir", default=None, help="where re-saved / masked copies are kept")
+    ap.add_argument("--per-source", type=int, default=20, help="one-class-source images in the compression proxy")
+    ap.add_argument("--limit-per-source", type=int, default=None, help="quick look: at most N images per source x class")
+    args = ap.parse_args(argv)
+    result = run_proxies(args.run_dir, args.out or Path(args.run_dir) / "proxies", split=args.split,
+                         work_dir=args.work_dir, per_source=args.per_source, limit_per_source=args.limit_per_source)
+    result.pop("_scores", None)
+    print(summary_line(result))
+    print(json.dumps(jsonable(result), indent=1)[:4000])
+
+
+if __name__ == "__main__":
+    main()

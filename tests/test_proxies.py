@@ -1,0 +1,91 @@
+"""Shortcut proxies (covidcxr.evaluation.proxies): synthetic checks of each statistic, and one real run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidcxr.evaluation import proxies
+
+
+def test_a_pure_source_detector_scores_high_plain_auc_and_chance_within_sources():
+    rng = np.random.default_rng(0)
+    # source A: 30 positives, 20 negatives; source B: 60 negatives only (like NIH); C: 2 pos, 1 neg (like Figure1)
+    sources = np.array(["A"] * 50 + ["B"] * 60 + ["C"] * 3)
+    y = np.array([1] * 30 + [0] * 20 + [0] * 60 + [1, 1, 0])
+    score = np.where(sources == "B", 0.0, 1.0) + 0.01 * rng.random(len(y))  # knows the source, not the disease
+    d = proxies.discrimination(y, score, sources)
+    assert d["auc"]["value"] > 0.8 and d["cross_source_auc"]["value"] == 1.0
+    w = d["within_source_auc"]
+    assert abs(w["value"] - 0.5) < 0.2 and w["ci_low"] < 0.5 < w["ci_high"]
+    assert w["sources_used"] == ["A"] and w["sources_left_out"] == ["C"]  # C has a single negative: no DeLong CI
+    assert d["within_source_auc_all"]["ci_low"] is None  # ... which is why C is left out of the headline
+    disease = y + 0.5 * rng.random(len(y))
+    assert proxies.discrimination(y, disease, sources)["within_source_auc"]["value"] == 1.0
+
+
+def test_source_probe_separates_encoded_sources_and_not_random_ones():
+    rng = np.random.default_rng(1)
+    n = 240
+    sources = np.repeat(["a", "b", "c"], n // 3)
+    patients = [f"p{i // 2}" for i in range(n)]  # two images per patient
+    onehot = (sources[:, None] == np.array(["a", "b", "c"])[None]).astype(float)
+    encoded = np.hstack([onehot * 3, rng.normal(size=(n, 5))]) + 0.3 * rng.normal(size=(n, 8))
+    got = proxies.source_probe(encoded, sources, patients, n_boot=200)
+    assert got["value"] > 0.95 and got["chance"] == pytest.approx(1 / 3) and got["sources"] == ["a", "b", "c"]
+    noise = proxies.source_probe(rng.normal(size=(n, 8)), sources, patients, n_boot=200)
+    assert noise["ci_low"] < 1 / 3 + 0.05 and noise["value"] < 0.5
+
+
+def test_lung_template_covers_the_lungs_and_masked_copies_black_them_out(data_root, tmp_path):
+    from covidcxr.data.io import read_xray
+
+    template = proxies.lung_template(str(data_root / "annotations"))
+    assert template.shape == (proxies.TEMPLATE_SIZE,) * 2 and 0.2 < template.mean() < 0.7
+    rows, cols = np.nonzero(template)
+    h = proxies.TEMPLATE_SIZE
+    assert rows.min() > 0.03 * h and 0.3 * h < rows.mean() < 0.7 * h  # the chest, not the label text corner
+    assert not template[:, h // 2].all()  # two lungs: the mediastinum is not all lung
+    image = sorted((data_root / "images").rglob("*.jpg"))[0]
+    copies = proxies.masked_copies([str(image)], tmp_path, template)
+    original = read_xray(image).pixels
+    no_lungs, lungs_only = read_xray(copies["no_lungs"][0]).pixels, read_xray(copies["lungs_only"][0]).pixels
+    inside = proxies._template_at(template, original.shape)
+    assert (no_lungs[inside] == 0).all() and (lungs_only[~inside] == 0).all()
+    assert np.allclose(no_lungs[~inside], original[~inside], atol=1 / 255)
+
+
+def test_resaved_copies_are_lossless_png_and_jpeg_of_the_stored_pixels(data_root, tmp_path):
+    from covidcxr.data.io import read_xray
+
+    image = sorted((data_root / "images").rglob("*.jpg"))[0]
+    copies = proxies.resaved_copies([str(image)], tmp_path, (90, 50))
+    assert set(copies) == {"png", "q90", "q50"}
+    original = read_xray(image).pixels
+    assert np.array_equal(read_xray(copies["png"][0]).pixels, original)
+    e90 = np.abs(read_xray(copies["q90"][0]).pixels - original).mean()
+    e50 = np.abs(read_xray(copies["q50"][0]).pixels - original).mean()
+    assert 0 < e90 < e50
+
+
+@pytest.mark.slow
+def test_run_proxies_on_a_trained_run(trained_run, tmp_path, data_root):
+    result = proxies.run_proxies(trained_run, tmp_path / "out", work_dir=tmp_path / "work", limit_per_source=4,
+                                 n_boot=100)
+    scores = result.pop("_scores")
+    written = json.loads((tmp_path / "out" / "proxies.json").read_text())
+    assert set(written) >= {"discrimination", "compression", "lungs", "source_probe"}
+    table = pd.read_csv(tmp_path / "out" / "proxy_scores.csv")
+    assert len(table) == len(scores) and set(table["source"]) == set(scores["source"])
+    # a lossless copy of the stored pixels predicts exactly like the stored file
+    both = table.dropna(subset=["p_png"])
+    assert len(both) and np.allclose(both["p_png"], both["score"], atol=1e-5)
+    q = written["compression"]["qualities"]
+    assert set(q) == {"q90", "q70", "q50"} and q["q50"]["mean_abs_change"]["ci_low"] is not None
+    assert written["lungs"]["template"]["area_share"] > 0.2
+    assert written["lungs"]["no_lungs"]["auc"]["value"] is not None
+    probe = written["source_probe"]
+    assert probe["value"] is None or 0 <= probe["value"] <= 1
