@@ -59,6 +59,9 @@ LPFT = PLAIN + ["train.epochs=3", "train.samples_per_epoch=320", "train.lp_epoch
                 "model.backbone_lr_mult=0.2"]
 JPEG = ["augment.jpeg_p=0.5", "augment.jpeg_quality=[30,95]", "augment.jpeg_scale=[1.0,3.0]",
         "augment.resolution_p=0.3", "augment.resolution_scale=[0.4,1.0]"]
+#: The same, on the working-size image (before CLAHE / resize), where a re-saved file's artefacts enter.
+JPEG_WORKING = ["augment.jpeg_p=0.5", "augment.jpeg_quality=[30,95]", "augment.resolution_p=0.3",
+                "augment.resolution_scale=[0.4,1.0]", "augment.storage_stage=working"]
 #: Within-source objectives need same-source pairs / every group in the batches: source-balanced
 #: sampling with the one-class sources at half weight.
 GROUPED = ["train.sampler=source_balanced", "train.single_class_source_weight=0.5", "train.loss_weighting=class_weighted"]
@@ -72,13 +75,17 @@ RECIPES: dict[str, dict] = {
                    "+ downscale-upscale (0.4-1) p=0.3"},
     "lpft": {"overrides": LPFT, "what": "plain, LP-FT: 1 epoch head only (lr 0.003), 2 epochs full, backbone lr x0.2"},
     "lpft_jpeg": {"overrides": LPFT + JPEG, "what": "lpft + the JPEG / resolution augmentation"},
+    "plain_jpegw": {"overrides": PLAIN + JPEG_WORKING, "what": "plain + JPEG (q30-95) p=0.5 + downscale-upscale "
+                    "(0.4-1) p=0.3 on the working-size image (storage_stage=working)"},
+    "lpft_jpegw": {"overrides": LPFT + JPEG_WORKING, "what": "lpft + the working-stage JPEG / resolution augmentation"},
     "wsauc": {"overrides": PLAIN + GROUPED + ["train.objective=within_source_auc", "train.auc_ce_weight=0.5"],
               "what": "plain + within-source pairwise AUC loss + 0.5 CE, source-balanced (one-class sources x0.5)"},
     "group_dro": {"overrides": PLAIN + GROUPED + ["train.objective=group_dro", "train.dro_eta=0.05"],
                   "what": "plain + group DRO over (source, class), eta 0.05, source-balanced (one-class sources x0.5)"},
     "quick_yaml": {"config": "configs/quick.yaml", "overrides": [], "what": "configs/quick.yaml as it is now"},
 }
-DEFAULT_RECIPES = ["quick_v1", "shuffled", "plain", "plain_jpeg", "lpft", "lpft_jpeg", "wsauc", "group_dro"]
+DEFAULT_RECIPES = ["quick_v1", "shuffled", "plain", "plain_jpeg", "plain_jpegw", "lpft", "lpft_jpeg", "lpft_jpegw",
+                   "wsauc", "group_dro"]
 BASELINE = "quick_v1"
 
 

@@ -163,7 +163,8 @@ class _Killed(RuntimeError):
 @pytest.mark.parametrize("extra", [
     ["train.objective=group_dro", "train.sampler=source_balanced", "train.lp_epochs=1", "train.lp_lr=0.01",
      "model.backbone_lr_mult=0.2"],
-    ["train.objective=within_source_auc", "train.sampler=source_balanced", "train.lp_epochs=2"],
+    ["train.objective=within_source_auc", "train.sampler=source_balanced", "train.lp_epochs=2",
+     "augment.storage_stage=working"],
 ], ids=["lpft+group_dro", "lpft+within_source_auc"])
 def test_lpft_and_objectives_resume_bit_identically(split_manifest, tmp_path, monkeypatch, extra):
     """Stopped right after epoch 1's checkpoint (inside or at the end of the probe) and resumed:

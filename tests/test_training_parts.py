@@ -435,3 +435,30 @@ def test_objective_and_lpft_config_combinations():
         load_config(None, ["train.dro_eta=0"])
     with pytest.raises(ConfigError, match=r"train: .*lp_epochs: True is a boolean"):
         load_config(None, ["train.lp_epochs=true"])
+
+
+def test_working_stage_jpeg_equals_inference_on_a_resaved_file(split_manifest):
+    """augment.storage_stage=working: the training image IS what inference makes of the re-saved JPEG."""
+    import cv2
+
+    from covidcxr.data.io import read_xray
+    from covidcxr.data.preprocess import PreprocessSpec
+    from covidcxr.models.predict import prepare_bytes
+    from covidcxr.training.storage import WorkingStageDataset, storage_draw
+
+    manifest = split_manifest.subset(mask=(split_manifest.table.index < 2))
+    spec = PreprocessSpec(image_size=64, intensity="clahe", mean=(0.5,) * 3, std=(0.5,) * 3)
+    cfg = _storage_only(jpeg_p=1.0, jpeg_quality=(50, 50), storage_stage="working")
+    assert not any(type(t).__name__ == "RandomJPEG" for t in build_augmentation(cfg).transforms)
+    ds = WorkingStageDataset(manifest, "binary", spec, augment=None, storage=cfg)
+    assert storage_draw(cfg, 3) == {"jpeg": 50, "jpeg_scale": 1.0, "resolution": None}
+    got = ds[(0, 3)][0]
+    u8 = (read_xray(ds.paths[0]).pixels * 255).round().astype("uint8")
+    assert max(u8.shape) <= spec.working_size
+    ok, buf = cv2.imencode(".jpg", u8, [int(cv2.IMWRITE_JPEG_QUALITY), 50])
+    expected = prepare_bytes(buf.tobytes(), "resaved.jpg", spec).tensor
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, ds[0][0])  # and differs from the stored file's input
+    # no storage change drawn (p = 0): the cached prepared image, as CXRDataset gives it
+    plain = WorkingStageDataset(manifest, "binary", spec, augment=None, storage=_storage_only(storage_stage="working"))
+    assert torch.equal(plain[(0, 3)][0], plain[0][0])

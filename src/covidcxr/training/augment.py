@@ -116,10 +116,12 @@ def build_augmentation(cfg: AugmentConfig) -> v2.Transform | None:
         return None
     steps: list[v2.Transform] = []
     # Storage first: in the data, resolution loss and recompression happened to the file.
-    if cfg.resolution_p > 0:
-        steps.append(RandomResolution(cfg.resolution_p, tuple(cfg.resolution_scale)))
-    if cfg.jpeg_p > 0:
-        steps.append(RandomJPEG(cfg.jpeg_p, tuple(cfg.jpeg_quality), tuple(cfg.jpeg_scale)))
+    # (storage_stage "working": covidcxr.training.storage applies them before intensity + resize.)
+    if cfg.storage_stage == "prepared":
+        if cfg.resolution_p > 0:
+            steps.append(RandomResolution(cfg.resolution_p, tuple(cfg.resolution_scale)))
+        if cfg.jpeg_p > 0:
+            steps.append(RandomJPEG(cfg.jpeg_p, tuple(cfg.jpeg_quality), tuple(cfg.jpeg_scale)))
     steps += [
         v2.RandomAffine(degrees=cfg.rotation_deg, translate=(cfg.translate, cfg.translate), scale=tuple(cfg.scale),
                         interpolation=v2.InterpolationMode.BILINEAR, fill=0.0),

@@ -105,6 +105,10 @@ class AugmentConfig(_Section):
     jpeg_scale: tuple[float, float] = (1.0, 1.0)
     resolution_p: float = Field(0.0, ge=0, le=1)
     resolution_scale: tuple[float, float] = (0.4, 1.0)
+    # Where the storage augmentation runs: "prepared" (the S x S image after intensity + resize, like
+    # the rest), or "working" (the working-size image before intensity standardisation and resize,
+    # which is where a re-saved file's compression actually enters the pipeline).
+    storage_stage: Literal["prepared", "working"] = "prepared"
 
     @field_validator("scale", "gamma", "blur_sigma")
     @classmethod

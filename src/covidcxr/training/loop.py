@@ -56,6 +56,7 @@ from covidcxr.training.objectives import CrossEntropy, build_objective
 from covidcxr.training.optim import build_model, build_optimizer, build_scheduler, build_spec, class_loss_weights
 from covidcxr.training.rows import TrainingData, prepare_training_data
 from covidcxr.training.sampling import make_batch_sampler
+from covidcxr.training.storage import WorkingStageDataset
 from covidcxr.training.state import (BEST_WEIGHTS, CHECKPOINT_DIR, LAST_CKPT, load_checkpoint, resolve_device,
                                      rng_state, save_checkpoint, seed_everything, set_rng_state)
 from covidcxr.training.validation import (autocast, check_selection_possible, is_better, predict_dataset,
@@ -194,10 +195,14 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
     seed_everything(t.seed, epoch=10**6)  # the new head's initial weights (a stream no epoch uses)
     model, groups, finetune_plan = build_model(config, len(space.classes))
     augmentation = build_augmentation(config.augment)
-    train_ds = CXRDataset(data.manifest.subset(mask=data.train_mask), space, spec,
-                          augment=functools.partial(apply_seeded, augmentation) if augmentation else None,
-                          validate=config.data.validate_images, progress=t.progress,
-                          allow_outside_root=config.data.allow_outside_root)
+    a = config.augment
+    working_stage = a.enabled and a.storage_stage == "working" and (a.jpeg_p > 0 or a.resolution_p > 0)
+    train_kwargs = {"storage": a} if working_stage else {}
+    train_ds = (WorkingStageDataset if working_stage else CXRDataset)(
+        data.manifest.subset(mask=data.train_mask), space, spec,
+        augment=functools.partial(apply_seeded, augmentation) if augmentation else None,
+        validate=config.data.validate_images, progress=t.progress,
+        allow_outside_root=config.data.allow_outside_root, **train_kwargs)
     val_ds = CXRDataset(data.manifest.subset(mask=data.val_mask), space, spec, validate=config.data.validate_images,
                         progress=t.progress, allow_outside_root=config.data.allow_outside_root)
     if len(train_ds) < 2 or len(val_ds) < 2:
