@@ -29,7 +29,7 @@ def main() -> None:
 
     from covidcxr import paths
     from covidcxr.data.manifest import Manifest
-    from covidcxr.explain.annotations import Annotations
+    from covidcxr.data.annotations import Annotations
     from covidcxr.explain.images import explain_images
     from covidcxr.explain.sanity import sanity_check
     from covidcxr.explain.severity import severity_study

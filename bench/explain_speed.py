@@ -36,7 +36,7 @@ def run_method(run_dir: str, method: str, n: int, road: bool) -> dict:
     from covidcxr import paths
     from covidcxr.data.io import read_xray
     from covidcxr.data.preprocess import preprocess
-    from covidcxr.explain.annotations import Annotations
+    from covidcxr.data.annotations import Annotations
     from covidcxr.explain.cam import cam_models, compute_cams
     from covidcxr.explain.faithfulness import road_scores
     from covidcxr.models.run import load_run

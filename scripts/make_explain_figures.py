@@ -43,7 +43,7 @@ def shrink_png(path: Path, max_bytes: int = MAX_BYTES) -> Path:
 def pick_from_test_split(manifest_path: Path, split: str = "test") -> tuple[str, str]:
     """(image relative to the data root, patient_id) from the manifest's test split."""
     from covidcxr.data.manifest import Manifest
-    from covidcxr.explain.annotations import Annotations
+    from covidcxr.data.annotations import Annotations
     from covidcxr.explain.progression import serial_patients
 
     manifest = Manifest.read(manifest_path)

@@ -10,7 +10,7 @@ import pytest
 from covidcxr.data.io import read_xray
 from covidcxr.data.preprocess import PreprocessSpec, dequantise, prepare, working_image
 from covidcxr.errors import ConfigError
-from covidcxr.explain.annotations import Annotations
+from covidcxr.data.annotations import Annotations
 from covidcxr.data.preprocess import letterbox_box
 from covidcxr.explain.cam import to_original_geometry
 from covidcxr.explain.lung_focus import lung_cam_area, lung_focus, mass_share, pointing_hit, summarise_lung_focus

@@ -10,7 +10,7 @@ import pytest
 
 from covidcxr.data.io import read_xray
 from covidcxr.errors import ConfigError, CovidCXRError
-from covidcxr.explain.annotations import Annotations
+from covidcxr.data.annotations import Annotations
 from covidcxr.explain.features import feature_maps
 from covidcxr.explain.images import explain_images
 from covidcxr.explain.progression import plot_progression, serial_patients

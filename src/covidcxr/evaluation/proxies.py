@@ -247,7 +247,7 @@ def compression_invariance(run, rows: pd.DataFrame, folder: str | Path, *, quali
 def lungs_removed(run, rows: pd.DataFrame, folder: str | Path, annotations_folder: str | Path, *,
                   base_scores: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> tuple[dict, pd.DataFrame]:
     """AUCs with the template lungs removed / kept alone, and P(covid) of annotated COVID images without their lungs."""
-    from covidcxr.explain.annotations import Annotations
+    from covidcxr.data.annotations import Annotations
 
     annotations = Annotations(annotations_folder)
     template = lung_template(str(Path(annotations_folder).resolve()))

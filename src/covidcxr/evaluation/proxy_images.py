@@ -72,7 +72,7 @@ def lung_template(annotations_folder: str, size: int = TEMPLATE_SIZE, level: flo
     """
     import cv2
 
-    from covidcxr.explain.annotations import Annotations
+    from covidcxr.data.annotations import Annotations
 
     ann = Annotations(annotations_folder)
     acc, n = np.zeros((size, size), dtype=np.float64), 0

@@ -14,8 +14,6 @@ _EXPORTS = {
     "cam_models": "covidcxr.explain.cam",
     "to_original_geometry": "covidcxr.explain.cam",
     "explain_images": "covidcxr.explain.images",
-    "Annotations": "covidcxr.explain.annotations",
-    "LungRegion": "covidcxr.explain.annotations",
     "lung_focus": "covidcxr.explain.lung_focus",
     "summarise_lung_focus": "covidcxr.explain.lung_focus",
     "sanity_check": "covidcxr.explain.sanity",

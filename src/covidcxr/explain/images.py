@@ -21,7 +21,7 @@ import torch
 
 from covidcxr import paths
 from covidcxr.errors import CovidCXRError
-from covidcxr.explain.annotations import Annotations
+from covidcxr.data.annotations import Annotations
 from covidcxr.explain.cam import cam_models, canonical_method, class_index, compute_cams, to_original_geometry
 from covidcxr.explain.lung_focus import lung_focus, summarise_lung_focus
 from covidcxr.explain.overlay import DEFAULT_ALPHA, DEFAULT_CMAP, SheetItem, save_contact_sheet, save_overlay, thumbnail

@@ -1,6 +1,6 @@
 """Do the heatmaps look at the lungs?
 
-Two scores per image, against a :class:`~covidcxr.explain.annotations.LungRegion`:
+Two scores per image, against a :class:`~covidcxr.data.annotations.LungRegion`:
 
 * **mass share**: the share of the heatmap's total mass that lies inside the lungs,
   ``sum(cam * lung) / sum(cam)`` over the *valid* pixels (pixels a v7labs mask marks "ignore" -
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from covidcxr.errors import ConfigError
-from covidcxr.explain.annotations import LungRegion
+from covidcxr.data.annotations import LungRegion
 
 
 def _check(cam: np.ndarray, region: LungRegion) -> np.ndarray:

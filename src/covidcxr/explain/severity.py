@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 
 from covidcxr import paths
 from covidcxr.errors import ConfigError, CovidCXRError
-from covidcxr.explain.annotations import Annotations
+from covidcxr.data.annotations import Annotations
 from covidcxr.explain.cam import cam_models, canonical_method, class_index, heatmaps
 from covidcxr.explain.lung_focus import lung_cam_area
 from covidcxr.files import write_json
