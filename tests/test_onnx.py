@@ -102,7 +102,7 @@ def test_service_onnx_backend(exported, data_root, tmp_path):
     image = sample_paths(data_root, 1)[0]
     app = create_app(exported, ServiceSettings(backend="onnx", heatmaps=False,
                                                audit_db=f"sqlite:///{tmp_path / 'audit.sqlite'}"))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         response = client.post("/v1/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")})
     assert response.status_code == 200, response.text
     body = response.json()

@@ -311,22 +311,44 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 exposes the service to the network)"),
     port: int = typer.Option(8000, help="TCP port"),
     backend: str = typer.Option("torch", help="torch or onnx (run `covidcxr export` first)"),
-    token: Optional[str] = typer.Option(None, envvar="COVIDCXR_API_TOKEN",
-                                        help="require this API token on /v1/* (or set COVIDCXR_API_TOKEN)"),
+    token: Optional[str] = typer.Option(None, help="API token (visible in `ps`: prefer COVIDCXR_TOKEN or --token-file)"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="read the API token from this file (chmod 600)"),
     audit_db: Optional[str] = typer.Option(None, "--audit-db", help="SQLAlchemy URL of the audit log (default sqlite in RUN_DIR)"),
     max_upload_mb: float = typer.Option(32.0, help="largest accepted upload in MiB (413 above)"),
-    timeout: float = typer.Option(30.0, help="seconds per prediction before 504"),
+    max_pixels: Optional[int] = typer.Option(None, help="largest width x height decoded (default 25,000,000)"),
+    timeout: float = typer.Option(30.0, help="seconds per prediction, queueing included, before 504"),
+    decode_timeout: Optional[float] = typer.Option(None, help="decode budget in seconds (default 10; 422 above)"),
+    body_timeout: Optional[float] = typer.Option(None, help="seconds for the whole request body (default 60; 408)"),
+    header_timeout: Optional[float] = typer.Option(None, help="seconds for the request headers (default 10)"),
+    keep_alive: Optional[int] = typer.Option(None, help="idle keep-alive seconds (default 5)"),
     heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Grad-CAM overlays in responses"),
     workers: int = typer.Option(2, min=1, help="inference threads"),
+    max_queue: Optional[int] = typer.Option(None, help="predictions waiting for a thread (default 16; 503 above)"),
+    max_connections: Optional[int] = typer.Option(None, help="open connections (default 128; 503 above)"),
+    max_connections_per_client: Optional[int] = typer.Option(None, help="per client address (default 32)"),
+    max_uploads: Optional[int] = typer.Option(None, help="uploads in flight (default 32; 503 above)"),
+    max_uploads_per_client: Optional[int] = typer.Option(None, help="per client address (default 8; 429 above)"),
+    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="accepted Host name (repeat; "
+                                                     "default localhost, 127.0.0.1, [::1] and --host)"),
+    allowed_origin: Optional[List[str]] = typer.Option(None, "--allowed-origin", help="extra Origin that may POST "
+                                                       "(repeat; e.g. https://cxr.example.org)"),
+    forwarded_allow_ips: Optional[str] = typer.Option(None, help="trust X-Forwarded-For from these proxy addresses"),
     allow_non_frontal: bool = typer.Option(False, "--allow-non-frontal",
                                            help="accept DICOMs that say they are CT / lateral (422 by default)"),
 ):
-    """Serve the model: web page at /, API at /v1/predict and /v1/model, docs at /docs."""
-    from covidcxr.serving.app import serve_run
+    """Serve the model: web page at /, API at /v1/predict and /v1/model (token from COVIDCXR_TOKEN, --token-file)."""
+    from covidcxr.serving.server import serve_run
 
-    serve_run(run_dir, host=host, port=port, backend=backend, token=token, audit_db=audit_db,
-              max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout, heatmaps=heatmaps, workers=workers,
-              allow_non_frontal=allow_non_frontal)
+    optional = dict(max_pixels=max_pixels, decode_timeout_s=decode_timeout, body_timeout_s=body_timeout,
+                    header_timeout_s=header_timeout, keep_alive_s=keep_alive, max_queue=max_queue,
+                    max_connections=max_connections, max_connections_per_client=max_connections_per_client,
+                    max_uploads=max_uploads, max_uploads_per_client=max_uploads_per_client,
+                    allowed_hosts=allowed_host or None, allowed_origins=allowed_origin or None,
+                    forwarded_allow_ips=forwarded_allow_ips)
+    serve_run(run_dir, host=host, port=port, backend=backend, token=token, token_file=token_file, audit_db=audit_db,
+              max_upload_mb=max_upload_mb, timeout_s=timeout, heatmaps=heatmaps, workers=workers,
+              allow_non_frontal=allow_non_frontal, **{k: v for k, v in optional.items() if v is not None},
+              warn=lambda message: err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False))
 
 
 if __name__ == "__main__":

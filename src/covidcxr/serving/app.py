@@ -7,20 +7,25 @@ Endpoints
   Grad-CAM overlay (base64 PNGs: the image, the coloured heatmap, and both blended).
 * ``GET /v1/model`` - model card (``RUN_DIR/MODEL_CARD.md``), classes, threshold, preprocessing and
   the validation metrics stored with the run.
-* ``GET /healthz`` - liveness + model id. ``GET /`` - the page (``serving/static``). ``/docs`` - OpenAPI.
+* ``GET /healthz`` - liveness (``{"status": "ok"}``; model id, backend and uptime only with the token
+  or when no token is set). ``GET /`` - the static page (``serving/static``), which asks ``/v1/model``.
+  ``/docs``, ``/redoc`` - OpenAPI pages, not served when a token is set; ``/openapi.json`` needs it.
 
-Safety rails: a request body limit (413 before the body is read when Content-Length says so),
-content sniffing by :func:`covidcxr.data.decode_xray` (never the file name), a pixel limit, a
-per-request timeout (504; inference runs in a thread pool), clear 4xx messages for bad input, an
-optional API token (``Authorization: Bearer ...`` or ``X-API-Token``), and an audit row for every
-prediction request (:mod:`covidcxr.serving.audit_log`; no pixels, no DICOM header fields).
+Safety rails: the Host header must name this service (Starlette ``TrustedHostMiddleware``); the
+front door :class:`covidcxr.serving.limits.ServiceGuard` refuses cross-site POSTs (403), requests
+without the token (401, from the headers alone: the body is never read), too many uploads per
+client / in total (429 / 503) and bodies slower than ``body_timeout_s`` (408); uvicorn runs with
+header / keep-alive timeouts and connection caps (:mod:`covidcxr.serving.server`). Uploads are
+decoded once by :func:`covidcxr.models.predict.prepare_bytes` in a bounded thread pool (503 with
+Retry-After when the queue is full), with a pixel budget checked from the header and a decode time
+budget (422), then a per-request timeout (504). Every request that reaches the endpoint writes an
+audit row (:mod:`covidcxr.serving.audit_log`; no pixels, no DICOM header fields, no file name).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import time
@@ -28,18 +33,24 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
-from typing import Literal
 
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from covidcxr.errors import ConfigError, ImageReadError, NotAChestXRayError
+from covidcxr.serving.limits import (RETRY_AFTER_S, TOKEN_HELP, RejectionLog, ServiceGuard, token_matches,
+                                     too_large_message)
+from covidcxr.serving.queue import BudgetExceeded, InferenceQueue, QueueTimeout
+from covidcxr.serving.settings import ServiceSettings
+
+__all__ = ["ServiceSettings", "create_app", "PredictionService"]
 
 log = logging.getLogger("covidcxr.serving")
 
@@ -47,20 +58,6 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 DISCLAIMER = ("Research use, not a medical device. Outputs are not a diagnosis and must not be used "
               "for clinical decisions.")
-
-
-class ServiceSettings(BaseModel):
-    """Everything ``covidcxr serve`` can be told; validated (pydantic)."""
-
-    backend: Literal["torch", "onnx"] = "torch"
-    token: str | None = Field(None, description="API token; when set, /v1/* needs it")
-    audit_db: str | None = Field(None, description="SQLAlchemy URL; default sqlite file RUN_DIR/audit.sqlite")
-    max_upload_bytes: int = Field(32 * 1024 * 1024, gt=0)
-    max_pixels: int = Field(40_000_000, gt=0, description="largest width x height decoded")
-    timeout_s: float = Field(30.0, gt=0)
-    heatmaps: bool = Field(True, description="compute Grad-CAM overlays (needs the PyTorch model)")
-    workers: int = Field(2, ge=1, le=64, description="inference threads")
-    allow_non_frontal: bool = False
 
 
 # ---------------------------------------------------------------------------- responses
@@ -138,6 +135,7 @@ class PredictionService:
         self._model_lock = self.cam.lock if (self.cam is not None and self.cam.run is self.run) else None
         self.audit = AuditLog(settings.audit_db or default_audit_url(self.run_dir))
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="covidcxr-infer")
+        self.queue = InferenceQueue(self.executor, settings.workers + settings.max_queue)
         self.model_info = ModelInfo(sha256=self.run.model_sha256, architecture=self.run.record.architecture,
                                     backend=settings.backend, onnx_sha256=getattr(self.run, "onnx_sha256", None))
         self.started = time.time()
@@ -146,19 +144,29 @@ class PredictionService:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
 
-    def predict_bytes(self, data: bytes, filename: str | None, request_id: str, heatmap: bool) -> dict:
-        from covidcxr.models.predict import predict_inputs, prepare_bytes
-        from covidcxr.serving.heatmap import display_layers
+    def prepare(self, data: bytes, filename: str | None):
+        """Decode + preprocess once (the prediction and the heatmap share it); bad input -> HTTPError 422.
+
+        The message names the file for the user; the audit keeps the error class and the reason, both
+        scrubbed of the file name and of anything copied from the upload."""
+        from covidcxr.models.predict import prepare_bytes
+        from covidcxr.serving.audit_log import scrub_reason
 
         name = filename or "upload"
-        try:  # decoded and preprocessed once: the prediction and the heatmap share this input
-            prepared = prepare_bytes(data, name, self.run.spec, allow_non_frontal=self.settings.allow_non_frontal,
-                                     max_pixels=self.settings.max_pixels)
-        except NotAChestXRayError as exc:
-            reason = f"not a frontal chest X-ray: {exc.reason}"
-            raise HTTPError(422, f"{name}: {reason}", audit_message=reason) from None
+        try:
+            return prepare_bytes(data, name, self.run.spec, allow_non_frontal=self.settings.allow_non_frontal,
+                                 max_pixels=self.settings.max_pixels)
         except ImageReadError as exc:
-            raise HTTPError(422, f"{name}: {exc.reason}", audit_message=exc.reason) from None
+            prefix = "not a frontal chest X-ray: " if isinstance(exc, NotAChestXRayError) else ""
+            shown = scrub_reason(exc.reason, data, keep_codes=True)  # the uploader knows the name
+            stored = scrub_reason(exc.reason, data, filename)
+            raise HTTPError(422, f"{name}: {prefix}{shown}",
+                            audit_message=f"{exc.__class__.__name__}: {prefix}{stored}") from None
+
+    def infer(self, prepared, filename: str | None, request_id: str, heatmap: bool) -> dict:
+        from covidcxr.models.predict import predict_inputs
+        from covidcxr.serving.heatmap import display_layers
+
         with self._model_lock or nullcontext():
             (record,) = predict_inputs(self.run, [prepared])
         heat = self.cam.heatmaps([prepared])[0] if (heatmap and self.cam is not None) else None
@@ -174,6 +182,10 @@ class PredictionService:
                             heatmap_png=layers["heatmap_png"], overlay_png=layers["overlay_png"])
             if heat is not None else None,
         )
+
+    def predict_bytes(self, data: bytes, filename: str | None, request_id: str, heatmap: bool) -> dict:
+        """Both stages in the calling thread (no budgets): for scripts and tests."""
+        return self.infer(self.prepare(data, filename), filename, request_id, heatmap)
 
     def model_card(self) -> dict:
         card = self.run_dir / MODEL_CARD_FILE
@@ -231,18 +243,20 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     if settings.token is not None and not settings.token.strip():
         raise ConfigError("token: must not be empty (leave it unset to serve without a token)")
     service = PredictionService(run_dir, settings)
+    rejections = RejectionLog()
 
     @asynccontextmanager
     async def lifespan(app):
         yield
+        rejections.flush()
         service.close()
 
-    app = FastAPI(
-        title="covidcxr", version=__import__("covidcxr").__version__, lifespan=lifespan,
-        description=f"Chest X-ray classifier `{service.model_info.architecture}` "
-                    f"(model SHA-256 `{service.model_info.sha256}`). {DISCLAIMER}",
-    )
+    docs = settings.token is None  # the OpenAPI pages cannot send a token: not served when one is set
+    app = FastAPI(title="covidcxr", version=__import__("covidcxr").__version__, lifespan=lifespan,
+                  description=f"Chest X-ray classifier; the model is described by GET /v1/model. {DISCLAIMER}",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.service = service
+    app.state.rejections = rejections
     bearer = HTTPBearer(auto_error=False, description="API token as `Authorization: Bearer <token>`")
     api_key = APIKeyHeader(name="X-API-Token", auto_error=False, description="API token")
 
@@ -254,36 +268,26 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         except Exception:  # the audit database must not take the service down; say so loudly
             log.exception("audit log write failed for request %s", request_id)
 
-    async def require_token(request: Request, cred: HTTPAuthorizationCredentials | None = Depends(bearer),
-                            key: str | None = Depends(api_key)) -> None:
-        if settings.token is None:
-            return
-        given = (cred.credentials if cred is not None else None) or key
-        if given is None or not hmac.compare_digest(given.encode(), settings.token.encode()):
-            if request.url.path == "/v1/predict":
-                await run_in_threadpool(audit, str(uuid.uuid4()), 401, time.perf_counter(),
-                                        error="missing or wrong API token")
-            raise StarletteHTTPException(401, "missing or wrong API token: send `Authorization: Bearer <token>` "
-                                              "or `X-API-Token: <token>`", headers={"WWW-Authenticate": "Bearer"})
+    async def require_token(request: Request, _cred=Depends(bearer), _key=Depends(api_key)) -> None:
+        # ServiceGuard has refused the request from its headers already; this documents the scheme
+        # in the OpenAPI schema and checks once more.
+        if not token_matches(request.headers, settings.token):
+            raise StarletteHTTPException(401, TOKEN_HELP, headers={"WWW-Authenticate": "Bearer"})
 
-    too_large = (f"upload too large: the limit is {settings.max_upload_bytes:,} bytes "
-                 f"({settings.max_upload_bytes / 2**20:.1f} MiB)")
+    too_large = too_large_message(settings.max_upload_bytes)
 
-    @app.middleware("http")
-    async def reject_large_uploads(request: Request, call_next):
-        # Refuse by the declared Content-Length before a byte of the body is read. Bodies without
-        # one (chunked) are cut off by the route's max_body_size while streaming, also with 413.
-        declared = request.headers.get("content-length", "")
-        if request.url.path == "/v1/predict" and declared.isdigit() and int(declared) > settings.max_upload_bytes:
-            await run_in_threadpool(audit, str(uuid.uuid4()), 413, time.perf_counter(),
-                                    error=f"{too_large} (declared {int(declared):,} bytes)")
-            return JSONResponse({"detail": too_large}, status_code=413, headers={"Connection": "close"})
-        return await call_next(request)
+    async def on_too_large(declared: int) -> None:
+        await run_in_threadpool(audit, str(uuid.uuid4()), 413, time.perf_counter(),
+                                error=f"{too_large} (declared {declared:,} bytes)")
+
+    app.add_middleware(ServiceGuard, settings=settings, queue_full=service.queue.full, on_too_large=on_too_large,
+                       rejections=rejections)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.hosts(), www_redirect=False)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         detail = too_large if exc.status_code == 413 else exc.detail
-        if exc.status_code == 413 and request.url.path == "/v1/predict":
+        if exc.status_code == 413 and request.url.path == "/v1/predict":  # a chunked body over the limit
             await run_in_threadpool(audit, str(uuid.uuid4()), 413, time.perf_counter(), error=detail)
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -295,10 +299,15 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
             await run_in_threadpool(audit, str(uuid.uuid4()), 422, time.perf_counter(), error=problems)
         return JSONResponse({"detail": problems}, status_code=422)
 
+    def fail(request_id: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"detail": message, "request_id": request_id}, status_code=status, headers=headers)
+
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(require_token)],
               max_body_size=settings.max_upload_bytes,
-              responses={401: {"description": "token missing or wrong"}, 413: {"description": "upload too large"},
-                         422: {"description": "not a readable chest X-ray"}, 504: {"description": "timed out"}})
+              responses={401: {"description": "token missing or wrong"}, 403: {"description": "cross-site request"},
+                         408: {"description": "body too slow"}, 413: {"description": "upload too large"},
+                         422: {"description": "not a readable chest X-ray"}, 429: {"description": "too many uploads"},
+                         503: {"description": "busy: retry later"}, 504: {"description": "timed out"}})
     async def predict(file: UploadFile = File(..., description="PNG / JPEG / TIFF / BMP / DICOM chest X-ray"),
                       heatmap: bool = Query(True, description="compute the Grad-CAM overlay")):
         started = time.perf_counter()
@@ -306,23 +315,39 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         data = await file.read()
         digest = hashlib.sha256(data).hexdigest()
         fields = dict(input_sha256=digest, input_bytes=len(data))
+        slot = service.queue.admit()
+        if slot is None:
+            message = f"the service is busy ({service.queue.limit} predictions queued); try again in {RETRY_AFTER_S} s"
+            await run_in_threadpool(audit, request_id, 503, started, error="inference queue full", **fields)
+            return fail(request_id, 503, message, {"Retry-After": str(RETRY_AFTER_S)})
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.timeout_s
         try:
-            result = await asyncio.wait_for(
-                loop.run_in_executor(service.executor, service.predict_bytes, data, file.filename, request_id, heatmap),
-                timeout=settings.timeout_s)
+            prepared = await slot.run(service.prepare, data, file.filename, deadline=deadline,
+                                      budget=settings.decode_timeout_s)
+            result = await slot.run(service.infer, prepared, file.filename, request_id, heatmap, deadline=deadline)
         except HTTPError as exc:
             await run_in_threadpool(audit, request_id, exc.status, started, error=exc.audit_message, **fields)
-            return JSONResponse({"detail": exc.message, "request_id": request_id}, status_code=exc.status)
-        except asyncio.TimeoutError:
+            return fail(request_id, exc.status, exc.message)
+        except BudgetExceeded:
+            reason = (f"decoding took longer than {settings.decode_timeout_s:g} s (the decode budget) and was "
+                      "abandoned; the image is too large or too complex for this service")
+            await run_in_threadpool(audit, request_id, 422, started, error=f"DecodeBudget: {reason}", **fields)
+            return fail(request_id, 422, f"{file.filename or 'upload'}: {reason}")
+        except QueueTimeout:
             message = f"prediction took longer than {settings.timeout_s:g} s and was abandoned; try again later"
             await run_in_threadpool(audit, request_id, 504, started, error=message, **fields)
-            return JSONResponse({"detail": message, "request_id": request_id}, status_code=504)
+            return fail(request_id, 504, message)
         except Exception as exc:  # keep serving; the user gets an id to quote, the log the traceback
+            from covidcxr.serving.audit_log import scrub_reason
+
             log.exception("prediction %s failed", request_id)
             message = f"internal error ({exc.__class__.__name__}); quote request id {request_id}"
-            await run_in_threadpool(audit, request_id, 500, started, error=f"{exc.__class__.__name__}: {exc}", **fields)
-            return JSONResponse({"detail": message, "request_id": request_id}, status_code=500)
+            stored = f"{exc.__class__.__name__}: {scrub_reason(str(exc), data, file.filename)}"
+            await run_in_threadpool(audit, request_id, 500, started, error=stored, **fields)
+            return fail(request_id, 500, message)
+        finally:
+            slot.close()
         latency_ms = (time.perf_counter() - started) * 1000
         await run_in_threadpool(audit, request_id, 200, started, predicted=result["predicted"],
                                 probabilities=result["probabilities"], threshold=result["threshold"], **fields)
@@ -333,9 +358,12 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         return service.model_card()
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz(request: Request):
+        if not token_matches(request.headers, settings.token):
+            return {"status": "ok"}  # liveness for anyone; what is served only for the token holder
         return {"status": "ok", "model_sha256": service.model_info.sha256, "backend": settings.backend,
-                "uptime_s": round(time.time() - service.started, 1)}
+                "uptime_s": round(time.time() - service.started, 1),
+                "queue": {"admitted": service.queue.admitted, "limit": service.queue.limit}}
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -343,17 +371,3 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
-
-
-def serve_run(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-              **settings) -> None:
-    """``covidcxr serve``: validate ``settings`` (:class:`ServiceSettings` fields), load the run, run uvicorn."""
-    import uvicorn
-    from pydantic import ValidationError
-
-    try:
-        parsed = ServiceSettings(**settings)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"serve settings: {problems}") from None
-    uvicorn.run(create_app(run_dir, parsed), host=host, port=port, log_level=log_level)

@@ -1,8 +1,11 @@
 """Audit log of every prediction the service makes: who asked what of which model, and what it said.
 
-One row per request: time, input SHA-256, model SHA-256, backend, outputs (probabilities, label,
-threshold), latency and status / error. Deliberately *no* pixel data and *no* image metadata: DICOM
-headers carry patient names, ids and dates, so nothing from the file except its hash is stored.
+One row per request that reaches the prediction endpoint (authenticated and admitted): time, input
+SHA-256, model SHA-256, backend, outputs (probabilities, label, threshold), latency and status /
+error. Deliberately *no* pixel data, *no* image metadata and *no* file name: DICOM headers and file
+names carry patient names, ids and dates, so nothing from the file except its hash is stored. The
+``error`` column holds the refusal's class and reason passed through :func:`scrub_reason`, which
+removes the file name and anything the reason might have copied out of the upload.
 
 SQLite (embedded, one file) is the default; any SQLAlchemy URL works (``postgresql://...``).
 """
@@ -10,6 +13,7 @@ SQLite (embedded, one file) is the default; any SQLAlchemy URL works (``postgres
 from __future__ import annotations
 
 import json
+import re
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +45,58 @@ predictions_table = sa.Table(
 )
 #: Columns of the audit table, in order (documented in docs/serving.md).
 AUDIT_COLUMNS = tuple(c.name for c in predictions_table.columns)
+
+
+#: Reason text that also occurs in the upload is removed in runs of this many characters or more.
+SCRUB_WINDOW = 6
+#: Where in an upload copied text can come from: headers, text, DICOM elements (not the pixel data).
+SCRUB_HEAD_BYTES, SCRUB_TAIL_BYTES = 1 << 20, 64 << 10
+REMOVED = "[...]"
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]+")  # DICOM code strings (CS): MONOCHROME2, PALETTE COLOR, LATERAL
+MAX_ERROR_CHARS = 500
+
+
+def scrub_reason(reason: str, data: bytes = b"", filename: str | None = None, *, keep_codes: bool = False) -> str:
+    """``reason`` without the upload's file name and without any run of :data:`SCRUB_WINDOW` or more
+    characters that also occurs in the upload's bytes (its first MiB and last 64 KiB: headers, text,
+    DICOM elements). ``keep_codes=True`` (the message returned to the uploader) keeps upper-case
+    DICOM code strings such as ``MONOCHROME2``; the audit row keeps nothing.
+    """
+    text = str(reason)
+    if filename:
+        base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+        # the full name and its base name anywhere; the stem only as a whole word of 6+ characters
+        # ("empty.png" must not turn the reason "empty file" into "<file name> file")
+        for name in sorted({filename, base}, key=len, reverse=True):
+            if len(name) >= 3:
+                text = text.replace(name, "<file name>")
+        stem = base.rsplit(".", 1)[0]
+        if len(stem) >= 6:
+            text = re.sub(rf"(?<!\w){re.escape(stem)}(?!\w)", "<file name>", text)
+    sample = data if len(data) <= SCRUB_HEAD_BYTES + SCRUB_TAIL_BYTES else \
+        data[:SCRUB_HEAD_BYTES] + b"\0" + data[-SCRUB_TAIL_BYTES:]
+    if sample and len(text) >= SCRUB_WINDOW:
+        tainted = [False] * len(text)
+        seen: dict[str, bool] = {}
+        for i in range(len(text) - SCRUB_WINDOW + 1):
+            window = text[i:i + SCRUB_WINDOW]
+            if window not in seen:
+                encoded = {window.encode("utf-8", "replace"), window.encode("latin-1", "replace")}
+                seen[window] = not (keep_codes and _CODE_STRING.fullmatch(window)) and \
+                    any(e in sample for e in encoded)
+            if seen[window]:
+                tainted[i:i + SCRUB_WINDOW] = [True] * SCRUB_WINDOW
+        out, i = [], 0
+        while i < len(text):
+            if tainted[i]:
+                while i < len(text) and tainted[i]:
+                    i += 1
+                out.append(REMOVED)
+            else:
+                out.append(text[i])
+                i += 1
+        text = "".join(out)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def default_audit_url(run_dir: str | Path) -> str:

@@ -1,4 +1,8 @@
-"""Run an app with uvicorn in a background thread on a free loopback port (tests, benchmarks, screenshots)."""
+"""Run the service with uvicorn in a background thread on a free loopback port (tests, benchmarks, screenshots).
+
+It runs exactly what ``covidcxr serve`` runs: :func:`covidcxr.serving.server.uvicorn_config` with the
+app's own :class:`~covidcxr.serving.settings.ServiceSettings` (connection caps, header timeout).
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,15 @@ class LiveServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, startup_timeout_s: float = 60.0):
         import uvicorn
 
+        from covidcxr.serving.server import uvicorn_config
+        from covidcxr.serving.settings import ServiceSettings
+
+        service = getattr(app.state, "service", None)
+        settings = service.settings if service is not None else ServiceSettings()
         self.host, self.port = host, port or free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.config = uvicorn_config(app, settings, host=host, port=self.port, log_level="warning")
+        self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name="covidcxr-live-server", daemon=True)
         self.startup_timeout_s = startup_timeout_s
 
