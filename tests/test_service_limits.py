@@ -276,3 +276,38 @@ def test_file_descriptors_do_not_leak_under_half_sent_uploads(live, data_root):
     time.sleep(1.5)
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 4
     _good_request_works(server, data_root)
+
+
+# ---------------------------------------------------------------------------- the bad-input corpus
+
+
+def test_every_corpus_file_is_refused_with_422_or_predicted(run_dir, tmp_path, data_root):
+    from badinput import write_corpus
+
+    cases = [c for c in write_corpus(tmp_path / "corpus", data_root) if c.regular_file]
+    assert len(cases) > 20
+    with TestClient(_app(run_dir, tmp_path), base_url=BASE_URL) as client:
+        for case in cases:
+            name = os.fsencode(case.path.name).decode("latin-1")  # undecodable names arrive as raw bytes
+            response = _post(client, name, case.path.read_bytes(), headers={})
+            if case.ok:
+                assert response.status_code == 200, (case.name, response.text)
+            else:  # a clear 4xx naming the reason, never a 500 and never a confident answer
+                assert response.status_code == 422, (case.name, response.status_code, response.text)
+                assert case.reason.lower() in response.json()["detail"].lower(), (case.name, response.text)
+        errors = [row["error"] for row in client.app.state.service.audit.rows() if row["status_code"] != 200]
+        assert len(errors) == sum(not c.ok for c in cases) and all(e and "Traceback" not in e for e in errors)
+
+
+def test_plausibility_gate_can_be_overridden_for_the_service(run_dir, tmp_path):
+    from badinput import phantom
+    from PIL import Image
+
+    buf = io.BytesIO()  # a plausible radiograph-like phantom, but only 48 px wide
+    Image.fromarray(phantom(96, 48)).save(buf, format="PNG")
+    with TestClient(_app(run_dir, tmp_path), base_url=BASE_URL) as strict:
+        refused = _post(strict, "thumb.png", buf.getvalue(), headers={})
+        assert refused.status_code == 422 and "too small" in refused.json()["detail"]
+    (tmp_path / "b").mkdir()
+    with TestClient(_app(run_dir, tmp_path / "b", min_side=32), base_url=BASE_URL) as relaxed:
+        assert _post(relaxed, "thumb.png", buf.getvalue(), headers={}).status_code == 200

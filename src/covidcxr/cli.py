@@ -335,6 +335,10 @@ def serve(
     forwarded_allow_ips: Optional[str] = typer.Option(None, help="trust X-Forwarded-For from these proxy addresses"),
     allow_non_frontal: bool = typer.Option(False, "--allow-non-frontal",
                                            help="accept DICOMs that say they are CT / lateral (422 by default)"),
+    min_side: Optional[int] = typer.Option(None, help="plausibility gate: smallest side in pixels (default 64)"),
+    max_aspect: Optional[float] = typer.Option(None, help="plausibility gate: largest aspect ratio (default 4)"),
+    content_checks: bool = typer.Option(True, "--content-checks/--no-content-checks",
+                                        help="plausibility gate: refuse near-constant and noise-like images"),
 ):
     """Serve the model: web page at /, API at /v1/predict and /v1/model (token from COVIDCXR_TOKEN, --token-file)."""
     from covidcxr.serving.server import serve_run
@@ -344,10 +348,10 @@ def serve(
                     max_connections=max_connections, max_connections_per_client=max_connections_per_client,
                     max_uploads=max_uploads, max_uploads_per_client=max_uploads_per_client,
                     allowed_hosts=allowed_host or None, allowed_origins=allowed_origin or None,
-                    forwarded_allow_ips=forwarded_allow_ips)
+                    forwarded_allow_ips=forwarded_allow_ips, min_side=min_side, max_aspect=max_aspect)
     serve_run(run_dir, host=host, port=port, backend=backend, token=token, token_file=token_file, audit_db=audit_db,
               max_upload_mb=max_upload_mb, timeout_s=timeout, heatmaps=heatmaps, workers=workers,
-              allow_non_frontal=allow_non_frontal, **{k: v for k, v in optional.items() if v is not None},
+              allow_non_frontal=allow_non_frontal, content_checks=content_checks, **{k: v for k, v in optional.items() if v is not None},
               warn=lambda message: err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False))
 
 

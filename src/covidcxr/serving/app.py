@@ -155,10 +155,10 @@ class PredictionService:
         name = filename or "upload"
         try:
             return prepare_bytes(data, name, self.run.spec, allow_non_frontal=self.settings.allow_non_frontal,
-                                 max_pixels=self.settings.max_pixels)
+                                 max_pixels=self.settings.max_pixels, checks=self.settings.input_checks())
         except ImageReadError as exc:
             prefix = "not a frontal chest X-ray: " if isinstance(exc, NotAChestXRayError) else ""
-            shown = scrub_reason(exc.reason, data, keep_codes=True)  # the uploader knows the name
+            shown = exc.reason  # the uploader's own file and content: told in full
             stored = scrub_reason(exc.reason, data, filename)
             raise HTTPError(422, f"{name}: {prefix}{shown}",
                             audit_message=f"{exc.__class__.__name__}: {prefix}{stored}") from None

@@ -52,15 +52,13 @@ SCRUB_WINDOW = 6
 #: Where in an upload copied text can come from: headers, text, DICOM elements (not the pixel data).
 SCRUB_HEAD_BYTES, SCRUB_TAIL_BYTES = 1 << 20, 64 << 10
 REMOVED = "[...]"
-_CODE_STRING = re.compile(r"[A-Z0-9_ ]+")  # DICOM code strings (CS): MONOCHROME2, PALETTE COLOR, LATERAL
 MAX_ERROR_CHARS = 500
 
 
-def scrub_reason(reason: str, data: bytes = b"", filename: str | None = None, *, keep_codes: bool = False) -> str:
+def scrub_reason(reason: str, data: bytes = b"", filename: str | None = None) -> str:
     """``reason`` without the upload's file name and without any run of :data:`SCRUB_WINDOW` or more
     characters that also occurs in the upload's bytes (its first MiB and last 64 KiB: headers, text,
-    DICOM elements). ``keep_codes=True`` (the message returned to the uploader) keeps upper-case
-    DICOM code strings such as ``MONOCHROME2``; the audit row keeps nothing.
+    DICOM elements). For the audit row; the uploader is told the reason in full.
     """
     text = str(reason)
     if filename:
@@ -82,8 +80,7 @@ def scrub_reason(reason: str, data: bytes = b"", filename: str | None = None, *,
             window = text[i:i + SCRUB_WINDOW]
             if window not in seen:
                 encoded = {window.encode("utf-8", "replace"), window.encode("latin-1", "replace")}
-                seen[window] = not (keep_codes and _CODE_STRING.fullmatch(window)) and \
-                    any(e in sample for e in encoded)
+                seen[window] = any(e in sample for e in encoded)
             if seen[window]:
                 tainted[i:i + SCRUB_WINDOW] = [True] * SCRUB_WINDOW
         out, i = [], 0

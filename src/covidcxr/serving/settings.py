@@ -37,6 +37,10 @@ class ServiceSettings(BaseModel):
     audit_db: str | None = Field(None, description="SQLAlchemy URL; default sqlite file RUN_DIR/audit.sqlite")
     heatmaps: bool = Field(True, description="compute Grad-CAM overlays (needs the PyTorch model)")
     allow_non_frontal: bool = False
+    # -- the plausibility gate (covidcxr.data.plausibility.InputChecks): overridable, never silently off
+    min_side: int = Field(64, ge=1, le=4096, description="smallest width / height accepted (pixels)")
+    max_aspect: float = Field(4.0, ge=1, le=100, description="largest longer / shorter side ratio")
+    content_checks: bool = Field(True, description="refuse near-constant and noise-like images")
     # -- the image
     max_upload_bytes: int = Field(32 * 1024 * 1024, gt=0, le=int(MAX_UPLOAD_MB * 2**20))
     max_pixels: int = Field(25_000_000, gt=0, le=64_000_000,
@@ -83,6 +87,11 @@ class ServiceSettings(BaseModel):
             if not host or "*" in host[1:] or (host.startswith("*") and not host.startswith("*.")):
                 raise ValueError(f"allowed_hosts: {host!r} is not a host name, an address or '*.domain'")
         return self
+
+    def input_checks(self):
+        from covidcxr.data.plausibility import InputChecks
+
+        return InputChecks(min_side=self.min_side, max_aspect=self.max_aspect, content=self.content_checks)
 
     def hosts(self) -> list[str]:
         return list(self.allowed_hosts) if self.allowed_hosts is not None else list(LOCAL_HOSTS)
