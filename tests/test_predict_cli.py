@@ -85,8 +85,9 @@ def test_predict_folder_archive_and_bad_files(run_dir, loaded, input_folder, tmp
     # bad files: listed with a reason, in the output and in <out>.skipped.csv
     skipped = pd.read_csv(tmp_path / "pred.csv.skipped.csv")
     reasons = dict(zip(skipped["path"].map(lambda p: Path(p).name), skipped["reason"]))
-    assert set(reasons) == {"notes.png", "cut.jpg"}
+    assert set(reasons) == {"notes.png", "cut.jpg", "README.txt"}  # nothing vanishes: README listed too
     assert "text file" in reasons["notes.png"]
+    assert "not an image file extension" in reasons["README.txt"]
     assert "truncated" in reasons["cut.jpg"].lower() or "corrupt" in reasons["cut.jpg"].lower()
     assert "notes.png" in result.output and "1 non-image files ignored" in result.output
 
@@ -107,7 +108,7 @@ def test_existing_output_needs_resume_or_overwrite(run_dir, data_root, tmp_path)
 
 def test_killed_job_resumes_without_losing_or_repeating_rows(loaded, data_root, tmp_path, monkeypatch):
     import covidcxr.models.predict as predict_mod
-    from covidcxr.serving.batch import predict_files
+    from covidcxr.serving.batch import journal_path, predict_files
 
     images = sample_paths(data_root, 5)
     out = tmp_path / "big.csv"
@@ -123,7 +124,8 @@ def test_killed_job_resumes_without_losing_or_repeating_rows(loaded, data_root, 
     monkeypatch.setattr(predict_mod, "predict_inputs", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         predict_files(loaded, images, out, batch_size=2, progress=False)
-    partial = pd.read_csv(out)
+    assert not out.exists()  # the output is written only when the job is finished
+    partial = pd.read_csv(journal_path(out))
     assert partial["path"].tolist() == [str(p) for p in images[:2]]  # the finished batch is on disk
     monkeypatch.setattr(predict_mod, "predict_inputs", real_batch)
     result = predict_files(loaded, images, out, batch_size=2, progress=False, resume=True)
@@ -161,7 +163,8 @@ def test_ct_dicom_skipped_with_reason_unless_allowed(run_dir, data_root, tmp_pat
     ct.write_bytes(ct_dicom(data_root))
     out = tmp_path / "refused.csv"
     result = _invoke("predict", run_dir, ct, "--out", out)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # nothing was predicted: a failed job
+    assert "nothing was predicted" in result.output
     skipped = pd.read_csv(str(out) + ".skipped.csv")
     assert skipped["path"].tolist() == [str(ct)] and "CT" in skipped["reason"][0]
     assert len(pd.read_csv(out)) == 0

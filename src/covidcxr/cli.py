@@ -271,24 +271,43 @@ def predict(
     batch_size: int = typer.Option(16, min=1, help="images per batch (one flush to disk per batch)"),
     backend: str = typer.Option("torch", help="torch or onnx (run `covidcxr export` first)"),
     resume: bool = typer.Option(False, "--resume", help="skip inputs already in --out (continue a killed job)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (when the new one is done)"),
     heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="folder for one Grad-CAM overlay PNG per image"),
     workers: int = typer.Option(2, min=1, help="image decoding threads"),
     allow_non_frontal: bool = typer.Option(False, "--allow-non-frontal",
                                            help="also predict DICOMs that say they are CT / lateral (refused by default)"),
+    strict: bool = typer.Option(False, "--strict", help="exit with status 1 if any input was skipped or ignored"),
+    max_archive_gb: float = typer.Option(4.0, min=0.0, help="most GiB unpacked from archives per job (members past "
+                                                            "it are skipped)"),
 ):
-    """Predict class probabilities for many images; bad files are listed in <out>.skipped.csv and skipped."""
-    from covidcxr.serving.batch import predict_run
+    """Predict class probabilities for many images; inputs not predicted are listed in <out>.skipped.csv.
+
+    Exit status: 0 when at least one image was predicted (or was already, with --resume); 1 when
+    nothing was, or with --strict when any input was skipped; 2 for usage errors; 143 on SIGTERM.
+    """
+    from rich.markup import escape
+
+    from covidcxr.serving.batch import display_name, predict_run
 
     result = predict_run(run_dir, paths, out, backend=backend, heatmaps=heatmaps, batch_size=batch_size,
-                         resume=resume, overwrite=overwrite, workers=workers, allow_non_frontal=allow_non_frontal)
+                         resume=resume, overwrite=overwrite, workers=workers, allow_non_frontal=allow_non_frontal,
+                         max_archive_bytes=int(max_archive_gb * 2**30))
     for path, reason in result.skipped[:20]:
-        err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]skipped[/yellow] {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
+    listed, written = display_name(result.skipped_file), display_name(result.out)
     if len(result.skipped) > 20:
-        err_console.print(f"... and {len(result.skipped) - 20} more (see {result.skipped_file})")
+        err_console.print(f"... and {len(result.skipped) - 20} more (see {listed})", highlight=False, markup=False)
     console.print(f"{result.predicted} images predicted, {result.already_done} already done (--resume), "
-                  f"{len(result.skipped)} skipped (listed in {result.skipped_file}), {result.ignored} non-image files "
-                  f"ignored -> {result.out} ({result.total_rows} rows)", highlight=False)
+                  f"{len(result.skipped)} skipped (listed in {listed}), {result.ignored} non-image files "
+                  f"ignored -> {written} ({result.total_rows} rows)", highlight=False, markup=False)
+    if result.predicted == 0 and result.already_done == 0:
+        err_console.print(f"[bold red]error:[/bold red] nothing was predicted ({result.inputs} inputs found, none "
+                          f"readable as an image; reasons in {escape(listed)})", highlight=False)
+        raise typer.Exit(1)
+    if strict and result.total_skipped:
+        err_console.print(f"[bold red]error:[/bold red] --strict: {result.total_skipped} inputs were skipped or "
+                          f"ignored (listed in {escape(listed)})", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command("export")
