@@ -186,3 +186,21 @@ def test_heatmaps_of_allowed_non_frontal_dicom(run_dir, data_root, tmp_path):
     table = pd.read_csv(out)
     assert table["path"].tolist() == [str(ct)]
     assert Path(table["heatmap"][0]).is_file() and Path(table["heatmap"][0]).stat().st_size > 10_000
+
+
+def test_plausibility_gate_refuses_a_thumbnail_unless_overridden(run_dir, data_root, tmp_path):
+    from PIL import Image
+
+    from badinput import phantom
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(sample_paths(data_root, 1)[0], folder / "good.jpg")
+    Image.fromarray(phantom(96, 48)).save(folder / "thumb.png")  # radiograph-like, but 48 px wide
+    strict = _invoke("predict", run_dir, folder, "--out", tmp_path / "a.csv")
+    assert strict.exit_code == 0, strict.output
+    skipped = pd.read_csv(tmp_path / "a.csv.skipped.csv")
+    assert "too small" in skipped.set_index("path").loc[str(folder / "thumb.png"), "reason"]
+    relaxed = _invoke("predict", run_dir, folder, "--out", tmp_path / "b.csv", "--min-side", "32")
+    assert relaxed.exit_code == 0, relaxed.output
+    assert set(pd.read_csv(tmp_path / "b.csv")["path"]) == {str(folder / "good.jpg"), str(folder / "thumb.png")}

@@ -277,6 +277,10 @@ def predict(
     allow_non_frontal: bool = typer.Option(False, "--allow-non-frontal",
                                            help="also predict DICOMs that say they are CT / lateral (refused by default)"),
     strict: bool = typer.Option(False, "--strict", help="exit with status 1 if any input was skipped or ignored"),
+    min_side: int = typer.Option(64, min=1, help="plausibility gate: smallest side in pixels"),
+    max_aspect: float = typer.Option(4.0, min=1.0, help="plausibility gate: largest longer / shorter side"),
+    content_checks: bool = typer.Option(True, "--content-checks/--no-content-checks",
+                                        help="plausibility gate: refuse near-constant and noise-like images"),
     max_archive_gb: float = typer.Option(4.0, min=0.0, help="most GiB unpacked from archives per job (members past "
                                                             "it are skipped)"),
 ):
@@ -287,11 +291,13 @@ def predict(
     """
     from rich.markup import escape
 
+    from covidcxr.data.plausibility import InputChecks
     from covidcxr.serving.batch import display_name, predict_run
 
     result = predict_run(run_dir, paths, out, backend=backend, heatmaps=heatmaps, batch_size=batch_size,
                          resume=resume, overwrite=overwrite, workers=workers, allow_non_frontal=allow_non_frontal,
-                         max_archive_bytes=int(max_archive_gb * 2**30))
+                         max_archive_bytes=int(max_archive_gb * 2**30),
+                         checks=InputChecks(min_side=min_side, max_aspect=max_aspect, content=content_checks))
     for path, reason in result.skipped[:20]:
         err_console.print(f"[yellow]skipped[/yellow] {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
     listed, written = display_name(result.skipped_file), display_name(result.out)

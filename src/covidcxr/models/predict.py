@@ -16,6 +16,7 @@ the PyTorch backend (:class:`~covidcxr.models.run.LoadedRun`) and the ONNX Runti
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from covidcxr.data.plausibility import DEFAULT_CHECKS, InputChecks
 from covidcxr.data.preprocess import PreprocessSpec, dequantise, prepare, to_tensor, working_image
 from covidcxr.errors import CovidCXRError
 from covidcxr.models.record import RunRecord
 from covidcxr.progress import make_progress
+
+log = logging.getLogger("covidcxr.predict")
 
 
 class Predictor(Protocol):
@@ -104,6 +108,9 @@ def try_prepare(path: str | Path, spec: PreprocessSpec, **options) -> tuple[Prep
         return None, getattr(exc, "reason", str(exc))
     except OSError as exc:
         return None, f"cannot read file ({exc.strerror or exc.__class__.__name__})"
+    except Exception as exc:  # a bug below the reader must cost one file, not the batch; say so plainly
+        log.exception("unexpected error preparing %s", path)
+        return None, f"unexpected error while preparing the image ({exc.__class__.__name__}); please report it"
 
 
 def predict_inputs(predictor: Predictor, inputs: Sequence[PreparedInput]) -> list[PredictionRecord]:
@@ -115,19 +122,20 @@ def predict_inputs(predictor: Predictor, inputs: Sequence[PreparedInput]) -> lis
 
 
 def iter_predictions(predictor: Predictor, paths: Sequence[str | Path], *, batch_size: int = 16, workers: int = 2,
-                     allow_non_frontal: bool = False, progress: bool = True
-                     ) -> Iterator[tuple[list[PredictionRecord], list[tuple[str, str]]]]:
+                     allow_non_frontal: bool = False, checks: InputChecks | None = DEFAULT_CHECKS,
+                     progress: bool = True) -> Iterator[tuple[list[PredictionRecord], list[tuple[str, str]]]]:
     """Yield ``(records, skipped)`` per batch of ``paths``; ``skipped`` holds ``(path, reason)``.
 
-    Decoding runs in ``workers`` threads (the image decoders release the GIL).
+    Decoding runs in ``workers`` threads (the image decoders release the GIL). ``checks`` is the
+    plausibility gate (:class:`~covidcxr.data.plausibility.InputChecks`; ``None`` switches it off).
     """
     paths = [str(p) for p in paths]
     with make_progress(disable=not progress) as bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         task = bar.add_task("predicting", total=len(paths))
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            loaded = list(pool.map(lambda p: try_prepare(p, predictor.spec, allow_non_frontal=allow_non_frontal),
-                                   chunk))
+            loaded = list(pool.map(lambda p: try_prepare(p, predictor.spec, allow_non_frontal=allow_non_frontal,
+                                                         checks=checks), chunk))
             good = [x for x, _ in loaded if x is not None]
             bad = [(p, reason) for p, (x, reason) in zip(chunk, loaded) if x is None]
             yield predict_inputs(predictor, good), bad
@@ -164,7 +172,7 @@ def records_table(predictor: Predictor, records: Sequence[PredictionRecord]) -> 
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[str | Path], *, batch_size: int = 16, progress: bool = True,
-                  workers: int = 2, allow_non_frontal: bool = False,
+                  workers: int = 2, allow_non_frontal: bool = False, checks: InputChecks | None = DEFAULT_CHECKS,
                   on_batch: Callable[[list[PredictionRecord], pd.DataFrame, list[tuple[str, str]]], None] | None = None
                   ) -> Predictions:
     """Predict every file in ``paths``; bad files land in ``Predictions.skipped`` with the reason.
@@ -175,7 +183,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[str | Path], *, batch_si
     """
     frames, skipped = [], []
     for records, bad in iter_predictions(predictor, paths, batch_size=batch_size, workers=workers,
-                                         allow_non_frontal=allow_non_frontal, progress=progress):
+                                         allow_non_frontal=allow_non_frontal, checks=checks, progress=progress):
         rows = records_table(predictor, records)
         frames.append(rows)
         skipped.extend(bad)

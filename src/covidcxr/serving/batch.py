@@ -27,6 +27,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from covidcxr.data.plausibility import DEFAULT_CHECKS, InputChecks
 from covidcxr.errors import ConfigError, CovidCXRError
 from covidcxr.files import write_csv
 from covidcxr.models.predict import Predictor
@@ -92,15 +93,16 @@ def _open_journals(out: Path, columns: list[str], *, resume: bool, model_sha256:
 def predict_files(run: Predictor, paths: Sequence[str | Path], out: str | Path, *, batch_size: int = 16,
                   resume: bool = False, overwrite: bool = False, heatmaps: str | Path | None = None,
                   cam_run: Predictor | None = None, progress: bool = True, workers: int = 2,
-                  allow_non_frontal: bool = False, max_archive_bytes: int = MAX_ARCHIVE_BYTES,
-                  temp_dir: str | Path | None = None) -> BatchResult:
+                  allow_non_frontal: bool = False, checks: InputChecks | None = DEFAULT_CHECKS,
+                  max_archive_bytes: int = MAX_ARCHIVE_BYTES, temp_dir: str | Path | None = None) -> BatchResult:
     """Predict every image in ``paths`` with ``run`` and write one row per image to ``out``.
 
     Columns: ``path``, ``prob_<class>`` per class, ``predicted`` (at the run's stored threshold),
     ``threshold``, ``input_sha256``, ``model_sha256``, ``backend`` (and ``heatmap`` with
     ``heatmaps=DIR``: a Grad-CAM overlay PNG per image, computed on ``cam_run`` - the PyTorch model -
     when ``run`` is an ONNX backend). ``resume=True`` continues a killed job; without it an
-    existing ``out`` is refused unless ``overwrite=True``. Archive members are unpacked under
+    existing ``out`` is refused unless ``overwrite=True``. ``checks``: the plausibility gate
+    (:class:`~covidcxr.data.plausibility.InputChecks`, ``None`` = off). Archive members are unpacked under
     ``temp_dir`` (default: the system's), at most ``max_archive_bytes`` per job.
     """
     from covidcxr.models.predict import predict_paths
@@ -153,7 +155,7 @@ def predict_files(run: Predictor, paths: Sequence[str | Path], out: str | Path, 
 
         if todo:
             predict_paths(run, todo, batch_size=batch_size, progress=progress, workers=workers, on_batch=on_batch,
-                          allow_non_frontal=allow_non_frontal)
+                          allow_non_frontal=allow_non_frontal, checks=checks)
 
     # The job is finished: replace the outputs (atomically) and only then drop the journals.
     table, skipped_table = rows_out.table(), skipped_out.table()
