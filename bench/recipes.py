@@ -298,6 +298,28 @@ def print_table(table: dict, comps: list[dict]) -> None:
               f"p={w['p_value']:.3f} | AUC {c['auc']['difference']:+.3f} p={c['auc']['p_value']:.3f}")
 
 
+def merge(files: list[str], out: str) -> None:
+    """One table over the runs of several result files (same split seed), comparisons concatenated."""
+    from covidcxr.files import write_json
+
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    if len({p["split_seed"] for p in parts}) != 1:
+        raise SystemExit("the result files use different split seeds; their test splits differ")
+    runs = [r for p in parts for r in p["runs"]]
+    recipes = list(dict.fromkeys(r["recipe"] for r in runs))
+    table = summarise(runs)
+    comps = [c for p in parts for c in p["comparisons_vs_baseline"]]
+    write_json(out, {
+        "what": __doc__.split("\n\n")[0] + " (merged)", "merged_from": [str(f) for f in files],
+        "split_seed": parts[0]["split_seed"], "seeds": sorted({r["seed"] for r in runs}),
+        "recipes": {r: RECIPES[r] for r in recipes}, "table": table, "comparisons_vs_baseline": comps,
+        "imagenet_features_source_probe": parts[0]["imagenet_features_source_probe"],
+        "runs": runs, "failures": [f for p in parts for f in p["failures"]], "note": parts[0]["note"],
+    })
+    print_table(table, comps)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -309,7 +331,12 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("RECIPE", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--aggregate-only", action="store_true")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides appended to every recipe (smoke tests)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine result files of earlier runs of this "
+                    "benchmark (e.g. other seeds) into one table in --out; trains nothing")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for k, v in _env().items():

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from covidcxr.data.manifest import Manifest
-from covidcxr.evaluation.evaluate import evaluate_run, render_summary
+from covidcxr.evaluation.evaluate import evaluate_run
+from covidcxr.evaluation.summary import render_summary
 from covidcxr.evaluation.report import build_report
 
 
