@@ -36,6 +36,8 @@ RUN_JSON = "run.json"
 MODEL_FILE = "model.safetensors"
 SPLIT_FILE = "split.csv"
 RUN_FORMAT = "covidcxr-run/2"
+#: The run.json format of a lung segmenter (covidcxr.models.segmenter); same integrity block.
+SEGMENTER_FORMAT = "covidcxr-segmenter/1"
 #: Environment variable holding the secret for the record's HMAC (optional).
 RUN_KEY_ENV = "COVIDCXR_RUN_KEY"
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -160,13 +162,14 @@ def _hmac(record_sha256: str) -> str | None:
     return hmac.new(key.encode(), record_sha256.encode(), hashlib.sha256).hexdigest()
 
 
-def _content(record: RunRecord) -> dict:
+def _content(record: BaseModel) -> dict:
     """The record as it is written (JSON types), without the integrity block."""
     return json.loads(dumps_json(record.model_dump(mode="json", exclude={"integrity"})))
 
 
-def seal(record: RunRecord) -> RunRecord:
-    """The record with its integrity block computed (only :func:`write_run_record` calls this)."""
+def seal(record: BaseModel) -> BaseModel:
+    """The record with its integrity block computed (only the record writers call this: :func:`write_run_record`
+    and, for lung segmenters, :func:`covidcxr.models.segmenter.write_segmenter_record`)."""
     fields = _field_hashes(_content(record))
     overall = _overall(fields)
     return record.model_copy(update={"integrity": Integrity(fields=fields, record_sha256=overall,
@@ -217,6 +220,8 @@ def read_run_record(run_dir: str | Path, *, verify: bool = True) -> RunRecord:
     if not isinstance(raw, dict):
         raise CovidCXRError(f"{path}: not a run record (a JSON object is expected)")
     fmt = raw.get("format")
+    if fmt == SEGMENTER_FORMAT:
+        raise CovidCXRError(f"{path}: a lung segmenter run, not a classifier; use `covidcxr segment predict`")
     if fmt != RUN_FORMAT:
         raise CovidCXRError(f"{path}: run format {fmt!r}; this covidcxr reads {RUN_FORMAT!r}. Re-train the run "
                             "(format 1 records carry no integrity check and no working size)")
