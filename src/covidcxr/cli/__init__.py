@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
+from covidcxr.cli.console import console, err_console
+from covidcxr.cli.segment import segment_app
 from covidcxr.errors import CovidCXRError
 
 app = typer.Typer(help="Train, validate, explain and serve chest X-ray COVID-19 detectors without shortcut learning.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Import, split, audit and cache chest X-ray datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-app.add_typer(segment_app := typer.Typer(help="Lung segmentation: train a U-Net on lung masks, predict masks.", no_args_is_help=True), name="segment")
-console = Console()
-err_console = Console(stderr=True)
+app.add_typer(segment_app, name="segment")
 
 
 def main() -> None:
@@ -116,21 +115,6 @@ def data_cache(
     console.print(report.summary(), highlight=False, soft_wrap=True)
 
 
-@segment_app.command("train")  # -------------------------------- segment (issue: lung segmentation)
-def segment_train(out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (model, run.json, scores)."),
-                  config: Optional[Path] = typer.Option(None, "--config", help="YAML mapping of SegmentConfig fields."),
-                  overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. image_size=128 epochs=4")) -> None:
-    """Train a lung segmenter on the v7labs + lungVAE masks; held-out Dice / HD95 with 95% patient-bootstrap CIs."""
-    from covidcxr.training.segment import train_segmenter_command
-    console.print(train_segmenter_command(out, config, list(overrides or [])), highlight=False, soft_wrap=True)
-
-@segment_app.command("predict")
-def segment_predict(run_dir: Path = typer.Argument(..., help="Segmenter run directory."),
-                    images: List[Path] = typer.Argument(..., help="X-ray files (PNG / JPEG / DICOM ...)."),
-                    out: Path = typer.Option(..., "--out", "-o", help="Folder for masks/*.png, lungs.csv, skipped.csv.")) -> None:
-    """One lung-mask PNG per image in its own geometry + lungs.csv (box, area); the rest in skipped.csv with a reason."""
-    from covidcxr.serving.segment import segment_images
-    console.print(segment_images(run_dir, images, out).summary(), highlight=False, soft_wrap=True, markup=False)
 # ---------------------------------------------------------------- train (issue: training)
 @app.command(context_settings={"allow_extra_args": False})
 def train(
@@ -394,7 +378,3 @@ def serve(
               max_upload_mb=max_upload_mb, timeout_s=timeout, heatmaps=heatmaps, workers=workers,
               allow_non_frontal=allow_non_frontal, content_checks=content_checks, **{k: v for k, v in optional.items() if v is not None},
               warn=lambda message: err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""``python -m covidcxr.cli ...`` = the ``covidcxr`` command."""
+
+from covidcxr.cli import main
+
+main()
