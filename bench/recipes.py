@@ -82,6 +82,7 @@ RECIPES: dict[str, dict] = {
               "what": "plain + within-source pairwise AUC loss + 0.5 CE, source-balanced (one-class sources x0.5)"},
     "group_dro": {"overrides": PLAIN + GROUPED + ["train.objective=group_dro", "train.dro_eta=0.05"],
                   "what": "plain + group DRO over (source, class), eta 0.05, source-balanced (one-class sources x0.5)"},
+    "dann": {"overrides": PLAIN + ["train.source_adversarial_weight=0.3", "train.source_adversarial_schedule=dann"], "what": "plain + DANN adversary 0.3"},
     "quick_yaml": {"config": "configs/quick.yaml", "overrides": [], "what": "configs/quick.yaml as it is now"},
 }
 DEFAULT_RECIPES = ["quick_v1", "shuffled", "plain", "plain_jpeg", "plain_jpegw", "lpft", "lpft_jpeg", "lpft_jpegw",

@@ -167,6 +167,13 @@ class TrainConfig(_Section):
     objective: Literal["ce", "group_dro", "within_source_auc"] = "ce"
     dro_eta: float = Field(0.05, gt=0)
     auc_ce_weight: float = Field(0.5, ge=0)
+    # Source-adversarial training (DANN; covidcxr.training.adversarial): a source classifier on the
+    # penultimate features behind a gradient-reversal layer, its CE added to the objective with
+    # coefficient lambda = weight (constant) or weight * (2 / (1 + exp(-10 p)) - 1) (dann, p = training
+    # progress 0-1). 0 = off. hidden: 0 = linear adversary, N = one hidden ReLU layer of N units.
+    source_adversarial_weight: float = Field(0.0, ge=0)
+    source_adversarial_schedule: Literal["constant", "dann"] = "dann"
+    source_adversarial_hidden: int = Field(0, ge=0)
     # LP-FT: the first lp_epochs epochs train the head only (backbone frozen, its BatchNorm in eval
     # mode) at lp_lr (None: lr), then model.finetune trains with the backbone at lr x model.backbone_lr_mult,
     # the schedule (warm-up + cosine / step) restarting for the remaining epochs. 0: off.
@@ -230,6 +237,9 @@ class TrainingConfig(_Section):
                              "run is already a linear probe)")
         if t.objective != "ce" and a.enabled and (a.mixup_alpha > 0 or a.cutmix_alpha > 0):
             raise ValueError(f"train.objective={t.objective} works on per-image labels; it cannot be combined "
+                             "with augment.mixup_alpha / augment.cutmix_alpha (set them to 0)")
+        if t.source_adversarial_weight > 0 and a.enabled and (a.mixup_alpha > 0 or a.cutmix_alpha > 0):
+            raise ValueError("train.source_adversarial_weight > 0 needs one source per image; it cannot be combined "
                              "with augment.mixup_alpha / augment.cutmix_alpha (set them to 0)")
         return self
 

@@ -49,6 +49,7 @@ from covidcxr.errors import ConfigError, CovidCXRError
 from covidcxr.files import atomic_write_bytes, dumps_json
 from covidcxr.models.finetune import apply_lpft_phase
 from covidcxr.models.run import save_weights
+from covidcxr.training.adversarial import SourceAdversary, build_adversary
 from covidcxr.training.augment import BatchMixer, apply_seeded, build_augmentation
 from covidcxr.training.config import TrainingConfig, dump_config
 from covidcxr.training.finalize import finalize_run, write_val_predictions
@@ -82,9 +83,11 @@ def _worker_init(worker_id: int) -> None:
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, mixer: BatchMixer, objective: CrossEntropy,
-                    item_groups: np.ndarray, *, device, config: TrainingConfig, progress, epoch: int) -> dict:
+                    item_groups: np.ndarray, *, device, config: TrainingConfig, progress, epoch: int,
+                    adversary: SourceAdversary | None = None) -> dict:
     """One epoch; ``objective`` (covidcxr.training.objectives) gives the loss, ``item_groups`` the
-    (source, class) cell id of every training item (group DRO, within-source pairs)."""
+    (source, class) cell id of every training item (group DRO, within-source pairs); ``adversary``
+    (covidcxr.training.adversarial) adds the source-adversarial loss."""
     t = config.train
     model.train()  # frozen BatchNorm layers stay in eval mode (hooks from apply_finetune)
     cl = device.type == "cuda" and t.channels_last
@@ -100,13 +103,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, mixer: BatchMixer, obje
         with autocast(device, t.amp):
             logits = model(x)
         loss = objective(logits.float(), soft, y, groups)
+        if adversary is not None:
+            loss = loss + adversary.loss(idx)
         if not torch.isfinite(loss):
             raise TrainingDiverged(_divergence_message(config, epoch, n_seen // max(1, len(y)) + 1, logits))
         optimizer.zero_grad(set_to_none=True)
+        if adversary is not None:
+            adversary.zero_grad()
         loss.backward()
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
+        if adversary is not None:
+            adversary.optimizer_step(t.grad_clip)
         scheduler.step()
         total_loss += float(loss.item()) * len(y)
         n_seen += len(y)
@@ -231,6 +240,10 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=_collate,
                         worker_init_fn=_worker_init if t.num_workers else None,
                         persistent_workers=t.num_workers > 0)  # workers keep their prepared-image cache
+    seed_everything(t.seed, epoch=10**6 + 1)  # the adversary's initial weights (a stream of its own)
+    adversary = build_adversary(config, model, train_ds.sources, steps_per_epoch)
+    if adversary is not None:
+        adversary.to(device)
 
     start_epoch, best, best_epoch, bad_epochs, history = 0, None, None, 0, []
     if resume and last_path.exists():
@@ -242,6 +255,8 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
         start_epoch, best, best_epoch = int(ckpt["epoch"]), ckpt["best_value"], ckpt["best_epoch"]
         bad_epochs, history = int(ckpt["bad_epochs"]), [json.loads(h) for h in ckpt["history"]]
         objective.load_state_dict(ckpt.get("objective", {}))
+        if adversary is not None:
+            adversary.load_state_dict(ckpt.get("adversary", {}))
         log.info("resuming %s after epoch %d", out_dir, start_epoch)
     # metrics.jsonl holds exactly the finished epochs (a killed epoch's line, if any, is dropped).
     atomic_write_bytes(out_dir / METRICS_FILE, "".join(_json_line(h) for h in history).encode())
@@ -262,7 +277,11 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                 record["phase"] = "linear_probe" if plan.mode == "linear" else "finetune"
             record["lr"] = optimizer.param_groups[0]["lr"]
             record.update(train_one_epoch(model, loader, optimizer, scheduler, mixer, objective, item_groups,
-                                          device=device, config=config, progress=progress, epoch=epoch))
+                                          device=device, config=config, progress=progress, epoch=epoch,
+                                          adversary=adversary))
+            if adversary is not None:
+                record.update(adversary.epoch_metrics())
+                adversary.reset_epoch()
             if t.objective == "group_dro":
                 record["dro_group_weights"] = objective.summary()["group_weights"]
             tv = time.perf_counter()
@@ -295,16 +314,20 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "best_value": best,
                 "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "history": [json.dumps(h) for h in history], "objective": objective.state_dict(),
+                **({"adversary": adversary.state_dict()} if adversary is not None else {}),
             })
             if t.progress:
                 progress.console.print(epoch_summary(record), highlight=False)
     if writer is not None:
         writer.close()
+    if adversary is not None:
+        adversary.remove()  # training-only: the model leaves training without the feature hook
     if best_epoch is None:
         raise CovidCXRError(f"{out_dir}: no epoch produced a finite {t.selection_metric}; nothing to save")
     return finalize_run(config, out_dir, model, spec, space, train_ds, val_ds, data, history, best, best_epoch,
                         stopped_early, time.perf_counter() - started, device, write_card,
                         {"finetune": finetune_plan, "objective": objective.summary(),
+                         "source_adversary": adversary.summary() if adversary is not None else None,
                          "lp_ft": ({"lp_epochs": t.lp_epochs, "lp_lr": t.lp_lr or t.lr,
                                     "backbone_lr_mult": config.model.backbone_lr_mult} if t.lp_epochs else None),
                          **(extra_info or {})})
