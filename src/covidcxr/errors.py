@@ -48,3 +48,12 @@ class ConfigError(CovidCXRError):
 
 class WeightsError(CovidCXRError):
     """Model weights are missing, corrupt or do not match their recorded SHA-256."""
+
+
+def validation_problems(exc, root: str = "", unknown_key: str | None = None) -> str:
+    """A pydantic ``ValidationError`` as one line: ``a.b: message; c: message``. ``root`` names an
+    error without a location; ``unknown_key`` replaces pydantic's text for keys the model forbids."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or root}: "
+        f"{unknown_key if unknown_key is not None and e['type'] == 'extra_forbidden' else e['msg']}"
+        for e in exc.errors())

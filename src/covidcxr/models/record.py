@@ -23,14 +23,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from covidcxr.data.preprocess import PreprocessSpec
-from covidcxr.errors import CovidCXRError, WeightsError
+from covidcxr.errors import CovidCXRError, WeightsError, validation_problems
 from covidcxr.files import dumps_json, write_json
+
+R = TypeVar("R", bound=BaseModel)
 
 RUN_JSON = "run.json"
 MODEL_FILE = "model.safetensors"
@@ -201,22 +203,35 @@ def verify_integrity(content: dict, integrity: dict | None, where: str) -> None:
 # ---------------------------------------------------------------------------- reading / writing
 
 
-def write_run_record(run_dir: str | Path, record: RunRecord) -> RunRecord:
-    """The one writer of ``run.json``: seal the record and write it atomically. Returns the sealed record."""
+def write_run_record(run_dir: str | Path, record: BaseModel) -> BaseModel:
+    """The one writer of ``run.json`` (classifier or segmenter record): seal it and write it atomically.
+    Returns the sealed record."""
     sealed = seal(record)
     write_json(Path(run_dir) / RUN_JSON, sealed.model_dump(mode="json"))
     return sealed
 
 
-def read_run_record(run_dir: str | Path, *, verify: bool = True) -> RunRecord:
-    """Read, validate and (by default) integrity-check ``RUN_DIR/run.json``."""
+def read_sealed_record(run_dir: str | Path, model: type[R], *, verify: bool, missing: str,
+                       check_format: Callable[[Path, dict], None], what: str) -> R:
+    """``RUN_DIR/run.json`` parsed, format-checked (``check_format`` raises), integrity-checked and
+    validated as ``model``; every failure is a CovidCXRError naming the file."""
     path = Path(run_dir) / RUN_JSON
     if not path.is_file():
-        raise CovidCXRError(f"{run_dir}: not a covidcxr run directory (no {RUN_JSON}); train one with `covidcxr train`")
+        raise CovidCXRError(f"{run_dir}: {missing}")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CovidCXRError(f"{path}: not valid JSON ({exc})") from exc
+    check_format(path, raw)
+    if verify:
+        verify_integrity({k: v for k, v in raw.items() if k != "integrity"}, raw.get("integrity"), str(path))
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise CovidCXRError(f"{path}: invalid {what} ({validation_problems(exc)})") from None
+
+
+def _classifier_format(path: Path, raw) -> None:
     if not isinstance(raw, dict):
         raise CovidCXRError(f"{path}: not a run record (a JSON object is expected)")
     fmt = raw.get("format")
@@ -225,13 +240,12 @@ def read_run_record(run_dir: str | Path, *, verify: bool = True) -> RunRecord:
     if fmt != RUN_FORMAT:
         raise CovidCXRError(f"{path}: run format {fmt!r}; this covidcxr reads {RUN_FORMAT!r}. Re-train the run "
                             "(format 1 records carry no integrity check and no working size)")
-    if verify:
-        verify_integrity({k: v for k, v in raw.items() if k != "integrity"}, raw.get("integrity"), str(path))
-    try:
-        return RunRecord.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise CovidCXRError(f"{path}: invalid run record ({problems})") from None
+
+
+def read_run_record(run_dir: str | Path, *, verify: bool = True) -> RunRecord:
+    """Read, validate and (by default) integrity-check ``RUN_DIR/run.json``."""
+    return read_sealed_record(run_dir, RunRecord, verify=verify, check_format=_classifier_format, what="run record",
+                              missing=f"not a covidcxr run directory (no {RUN_JSON}); train one with `covidcxr train`")
 
 
 def update_run_record(run_dir: str | Path, **changes) -> RunRecord:

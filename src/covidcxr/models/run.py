@@ -28,7 +28,7 @@ from covidcxr.errors import CovidCXRError, WeightsError
 from covidcxr.models.record import (MODEL_FILE, RUN_JSON, RunRecord, RunSplit, read_run_record, update_run_record,
                                     write_run_record)
 from covidcxr.models.registry import create_model
-from covidcxr.models.weights import sha256_file
+from covidcxr.models.weights import sha256_file, verify_recorded_file
 
 __all__ = ["MODEL_FILE", "RUN_JSON", "EnsembleModel", "FlipTTAModel", "LoadedRun", "RunView", "load_run",
            "read_run_record", "save_ensemble", "save_model", "save_weights", "update_run_record"]
@@ -202,13 +202,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
         model = EnsembleModel([m.model for m in members])
     else:
         model_path = run_dir / MODEL_FILE
-        if not model_path.is_file():
-            raise WeightsError(f"{model_path}: model file missing")
-        actual = sha256_file(model_path)
-        if actual != record.model_sha256:
-            raise WeightsError(
-                f"{model_path}: SHA-256 {actual} does not match the recorded {record.model_sha256}; "
-                "the model file was changed or corrupted. Refusing to use it.")
+        verify_recorded_file(model_path, record.model_sha256)
         from safetensors.torch import load_file
 
         model = create_model(record.architecture, len(record.classes), channels=record.channels)

@@ -18,7 +18,6 @@ large connected components: the lungs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -31,11 +30,10 @@ from torch import nn
 
 from covidcxr.data.preprocess import PreprocessSpec, prepare, to_tensor, working_image
 from covidcxr.errors import ConfigError, CovidCXRError, WeightsError
-from covidcxr.files import write_json
-from covidcxr.models.record import (MODEL_FILE, RUN_JSON, SEGMENTER_FORMAT, Integrity, RunSplit, seal,
-                                    verify_integrity)
+from covidcxr.models.record import (MODEL_FILE, RUN_JSON, SEGMENTER_FORMAT, Integrity, RunSplit,
+                                    read_sealed_record, write_run_record)
 from covidcxr.models.run import save_weights
-from covidcxr.models.weights import read_state_dict, sha256_file
+from covidcxr.models.weights import read_state_dict, sha256_file, verify_recorded_file
 
 ARCHITECTURE = "smp_unet_mobilenet_v2"
 ENCODER_FILE = "mobilenet_v2_imagenet_features_torchvision.pth"
@@ -118,34 +116,18 @@ class SegmenterRecord(BaseModel):
     integrity: Optional[Integrity] = None
 
 
-def write_segmenter_record(run_dir: str | Path, record: SegmenterRecord) -> SegmenterRecord:
-    """Seal the record (the classifier's integrity code) and write ``run.json`` atomically."""
-    sealed = seal(record)
-    write_json(Path(run_dir) / RUN_JSON, sealed.model_dump(mode="json"))
-    return sealed
+def _segmenter_format(path: Path, raw) -> None:
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt != SEGMENTER_FORMAT:
+        raise CovidCXRError(f"{path}: run format {fmt!r} is not a lung segmenter ({SEGMENTER_FORMAT!r}); "
+                            "train one with `covidcxr segment train`")
 
 
 def read_segmenter_record(run_dir: str | Path, *, verify: bool = True) -> SegmenterRecord:
-    """Read and integrity-check a segmenter's ``run.json``."""
-    path = Path(run_dir) / RUN_JSON
-    if not path.is_file():
-        raise CovidCXRError(f"{run_dir}: not a segmenter run directory (no {RUN_JSON}); "
-                            "train one with `covidcxr segment train`")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CovidCXRError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("format") != SEGMENTER_FORMAT:
-        fmt = raw.get("format") if isinstance(raw, dict) else None
-        raise CovidCXRError(f"{path}: run format {fmt!r} is not a lung segmenter ({SEGMENTER_FORMAT!r}); "
-                            "train one with `covidcxr segment train`")
-    if verify:
-        verify_integrity({k: v for k, v in raw.items() if k != "integrity"}, raw.get("integrity"), str(path))
-    try:
-        return SegmenterRecord.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise CovidCXRError(f"{path}: invalid segmenter record ({problems})") from None
+    """Read and integrity-check a segmenter's ``run.json`` (the classifier's reader and checks)."""
+    return read_sealed_record(run_dir, SegmenterRecord, verify=verify, check_format=_segmenter_format,
+                              what="segmenter record", missing=f"not a segmenter run directory (no {RUN_JSON}); "
+                                                               "train one with `covidcxr segment train`")
 
 
 def save_segmenter(run_dir: str | Path, model: nn.Module, **fields) -> SegmenterRecord:
@@ -154,7 +136,7 @@ def save_segmenter(run_dir: str | Path, model: nn.Module, **fields) -> Segmenter
     run_dir.mkdir(parents=True, exist_ok=True)
     save_weights(run_dir / MODEL_FILE, model)
     record = SegmenterRecord(model_sha256=sha256_file(run_dir / MODEL_FILE), **fields)
-    return write_segmenter_record(run_dir, record)
+    return write_run_record(run_dir, record)
 
 
 # ---------------------------------------------------------------------------- inference
@@ -213,12 +195,7 @@ def load_segmenter(run_dir: str | Path) -> LoadedSegmenter:
     run_dir = Path(run_dir)
     record = read_segmenter_record(run_dir)
     model_path = run_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise WeightsError(f"{model_path}: model file missing")
-    actual = sha256_file(model_path)
-    if actual != record.model_sha256:
-        raise WeightsError(f"{model_path}: SHA-256 {actual} does not match the recorded {record.model_sha256}; "
-                           "the model file was changed or corrupted. Refusing to use it.")
+    verify_recorded_file(model_path, record.model_sha256)
     from safetensors.torch import load_file
 
     model = build_unet(record.decoder_channels)

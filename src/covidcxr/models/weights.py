@@ -49,6 +49,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def verify_recorded_file(path: str | Path, expected_sha256: str, *, missing: str = "model file missing",
+                         what: str = "model file", remedy: str = "Refusing to use it.") -> None:
+    """Refuse a file a run record points at when it is missing or its SHA-256 is not the recorded one."""
+    if not Path(path).is_file():
+        raise WeightsError(f"{path}: {missing}")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise WeightsError(f"{path}: SHA-256 {actual} does not match the recorded {expected_sha256}; "
+                           f"the {what} was changed or corrupted. {remedy}")
+
+
 def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` file or a pickled state dict without executing code."""
     path = Path(path)

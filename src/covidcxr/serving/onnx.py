@@ -31,7 +31,7 @@ from torch import nn
 from covidcxr.errors import CovidCXRError, WeightsError
 from covidcxr.models.record import RunRecord, read_run_record, update_run_record
 from covidcxr.models.run import RunView, load_run
-from covidcxr.models.weights import sha256_file
+from covidcxr.models.weights import sha256_file, verify_recorded_file
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "input"
@@ -146,12 +146,8 @@ def load_onnx_run(run_dir: str | Path, onnx_path: str | Path | None = None, *, t
     if meta is None:
         raise WeightsError(f"{run_dir}/run.json: no ONNX export recorded; run `covidcxr export {run_dir} --format onnx`")
     path = Path(onnx_path) if onnx_path is not None else run_dir / meta.file
-    if not path.is_file():
-        raise WeightsError(f"{path}: no ONNX model; create it with `covidcxr export {run_dir} --format onnx`")
-    actual = sha256_file(path)
-    if actual != meta.sha256:
-        raise WeightsError(f"{path}: SHA-256 {actual} does not match the recorded {meta.sha256}; "
-                           "the ONNX file was changed or corrupted. Refusing to use it; export again.")
+    verify_recorded_file(path, meta.sha256, what="ONNX file", remedy="Refusing to use it; export again.",
+                         missing=f"no ONNX model; create it with `covidcxr export {run_dir} --format onnx`")
     if meta.source_model_sha256 != record.model_sha256:
         raise WeightsError(f"{path}: exported from model {meta.source_model_sha256}, but the run's model is "
                            f"now {record.model_sha256}; export again.")
@@ -159,7 +155,7 @@ def load_onnx_run(run_dir: str | Path, onnx_path: str | Path | None = None, *, t
     if threads:
         options.intra_op_num_threads = int(threads)
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    return OnnxRun(run_dir=run_dir, record=record, session=session, onnx_path=path, onnx_sha256=actual)
+    return OnnxRun(run_dir=run_dir, record=record, session=session, onnx_path=path, onnx_sha256=meta.sha256)
 
 
 #: How each ``--backend`` opens a run directory (registry, not an if-chain).

@@ -17,7 +17,7 @@ from typing import Callable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from covidcxr.errors import ConfigError
+from covidcxr.errors import ConfigError, validation_problems
 
 #: Host names a local service answers to whatever ``--host`` says (DNS-rebinding defence).
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -102,7 +102,7 @@ def parse_settings(**values) -> ServiceSettings:
     try:
         return ServiceSettings(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc, root="settings")
         raise ConfigError(f"serve settings: {problems}") from None
 
 

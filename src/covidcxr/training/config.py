@@ -338,6 +338,19 @@ def validate_config(tree: dict | None, origin: str = "config") -> TrainingConfig
         raise ConfigError(_format_validation_error(exc, origin)) from None
 
 
+def read_yaml_mapping(path: Path, *, missing: str, not_a_mapping: str) -> dict:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {missing}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: {not_a_mapping}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainingConfig:
     """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
     tree: dict = {}
@@ -345,14 +358,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         origin = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found (examples are in configs/)")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
+        tree = read_yaml_mapping(path, missing="config file not found (examples are in configs/)",
+                                 not_a_mapping="the top level must be a mapping of sections (data, model, train, ...)")
     return validate_config(apply_overrides(tree, overrides), origin)
 
 

@@ -25,7 +25,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from covidcxr.errors import ConfigError, CovidCXRError
+from covidcxr.errors import ConfigError, CovidCXRError, validation_problems
 from covidcxr.evaluation.segmentation import (mask_scores, score_masks, summarise_scores, template_for,
                                               template_mask)
 from covidcxr.files import write_csv
@@ -34,6 +34,7 @@ from covidcxr.models.segmenter import (ENCODER_FILE, ENCODER_SHA256, LoadedSegme
                                        save_segmenter, segmenter_spec)
 from covidcxr.paths import data_root, weights_dir
 from covidcxr.progress import make_progress
+from covidcxr.training.config import read_yaml_mapping
 from covidcxr.training.segment_data import augment, data_hash, load_samples, mask_table, split_masks
 
 SCORES_FILE = "test_scores.csv"
@@ -69,15 +70,8 @@ def load_segment_config(path: str | Path | None = None, overrides: list[str] | N
     """A flat YAML file (or the defaults) plus ``key=value`` overrides (values parsed as YAML)."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: segmenter config file not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: a segmenter config is a mapping of SegmentConfig fields")
+        tree = read_yaml_mapping(Path(path), missing="segmenter config file not found",
+                                 not_a_mapping="a segmenter config is a mapping of SegmentConfig fields")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -86,9 +80,7 @@ def load_segment_config(path: str | Path | None = None, overrides: list[str] | N
     try:
         return SegmentConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError("segmenter config: " + "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
-            for e in exc.errors())) from None
+        raise ConfigError("segmenter config: " + validation_problems(exc, unknown_key="unknown key")) from None
 
 
 def _encoder_path(cfg: SegmentConfig) -> Path | None:
