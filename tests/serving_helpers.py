@@ -64,3 +64,23 @@ def dicom_identifiers(data_root: Path) -> list[str]:
               str(ds.get("InstitutionName", "")), str(ds.get("StudyDate", ""))]
     return [v for v in values if len(v) >= 4]
 
+
+def killed_predict_job(monkeypatch, loaded, images, out, batch_size: int = 2) -> None:
+    """Run ``predict_files`` and kill it (KeyboardInterrupt) as its second batch is predicted."""
+    import covidcxr.models.predict as predict_mod
+    from covidcxr.serving.batch import predict_files
+
+    real = predict_mod.predict_inputs
+    calls = {"n": 0}
+
+    def dies_on_second_batch(run, good):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(run, good)
+
+    monkeypatch.setattr(predict_mod, "predict_inputs", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        predict_files(loaded, images, out, batch_size=batch_size, progress=False)
+    monkeypatch.setattr(predict_mod, "predict_inputs", real)
+

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from badinput import write_corpus
 from covidcxr.cli import app
-from serving_helpers import sample_paths, serving_run
+from serving_helpers import killed_predict_job, sample_paths, serving_run
 
 runner = CliRunner()
 
@@ -229,27 +229,14 @@ def test_resume_cuts_a_row_torn_mid_write_and_predicts_it_again(loaded, run_dir,
 
 
 def test_resume_after_a_kill_that_tore_the_journal(loaded, data_root, tmp_path, monkeypatch):
-    import covidcxr.models.predict as predict_mod
     from covidcxr.serving.batch import journal_path, predict_files
 
     images = sample_paths(data_root, 4)
     out = tmp_path / "p.json"
-    real = predict_mod.predict_inputs
-    calls = {"n": 0}
-
-    def dies_on_second_batch(run, good):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real(run, good)
-
-    monkeypatch.setattr(predict_mod, "predict_inputs", dies_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        predict_files(loaded, images, out, batch_size=2, progress=False)
+    killed_predict_job(monkeypatch, loaded, images, out)
     journal = journal_path(out)
     data = journal.read_bytes()
     journal.write_bytes(data[: len(data) - 30])  # the second row of the batch, cut inside a quoted field
-    monkeypatch.setattr(predict_mod, "predict_inputs", real)
     result = predict_files(loaded, images, out, batch_size=2, progress=False, resume=True)
     assert result.already_done == 1 and result.predicted == 3
     assert [r["path"] for r in json.loads(out.read_text())] == [str(p) for p in images]

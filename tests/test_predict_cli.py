@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from covidcxr.cli import app
-from serving_helpers import ct_dicom, sample_paths, serving_run, truncated_jpeg
+from serving_helpers import ct_dicom, killed_predict_job, sample_paths, serving_run, truncated_jpeg
 
 
 runner = CliRunner()
@@ -107,27 +107,14 @@ def test_existing_output_needs_resume_or_overwrite(run_dir, data_root, tmp_path)
 
 
 def test_killed_job_resumes_without_losing_or_repeating_rows(loaded, data_root, tmp_path, monkeypatch):
-    import covidcxr.models.predict as predict_mod
     from covidcxr.serving.batch import journal_path, predict_files
 
     images = sample_paths(data_root, 5)
     out = tmp_path / "big.csv"
-    real_batch = predict_mod.predict_inputs
-    calls = {"n": 0}
-
-    def dies_on_second_batch(run, good):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_batch(run, good)
-
-    monkeypatch.setattr(predict_mod, "predict_inputs", dies_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
-        predict_files(loaded, images, out, batch_size=2, progress=False)
+    killed_predict_job(monkeypatch, loaded, images, out)
     assert not out.exists()  # the output is written only when the job is finished
     partial = pd.read_csv(journal_path(out))
     assert partial["path"].tolist() == [str(p) for p in images[:2]]  # the finished batch is on disk
-    monkeypatch.setattr(predict_mod, "predict_inputs", real_batch)
     result = predict_files(loaded, images, out, batch_size=2, progress=False, resume=True)
     assert result.already_done == 2 and result.predicted == 3
     table = pd.read_csv(out)
