@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.data.manifest import Manifest, patient_prefix
+from covidcxr.data.synthetic import check_split_keeps_synthetic_in_train
 from covidcxr.errors import ConfigError, ManifestError
 
 
@@ -120,6 +121,7 @@ def assign_splits(manifest: Manifest, *, val: float = 0.15, test: float = 0.15, 
     parts = grouped_stratified_parts(patients, [test, val, 1.0 - test - val], seed)
     part_of = dict(zip(patients["patient_id"], np.array(["test", "val", "train"])[parts]))
     split[dev] = table["patient_id"].iloc[dev].map(part_of).to_numpy()
+    check_split_keeps_synthetic_in_train(table, split, manifest.name)
     table["split"] = split
 
     if folds is not None:

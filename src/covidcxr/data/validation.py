@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from covidcxr.data.synthetic import check_synthetic_rows
 from covidcxr.errors import ManifestError
 
 #: The labels a manifest row may carry (label spaces map them to training classes).
@@ -188,6 +189,8 @@ def validate_table(table: pd.DataFrame, name: str = "manifest") -> pd.DataFrame:
         same = [int(r) + 1 for r in rows if norm.iloc[r] == first]
         raise ManifestError(f"{name} rows {same}, column 'image': duplicate image path {first!r} "
                             f"({int(dup.sum())} rows share a path with another); each image must appear once")
+    # Generated images train only and keep their source patient (covidcxr.data.synthetic).
+    check_synthetic_rows(table, name)
     ordered = list(REQUIRED_COLUMNS) + ["age_years"]
     return table[ordered + [c for c in table.columns if c not in ordered]]
 

@@ -42,7 +42,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from covidcxr.data.audit.checks import (  # noqa: F401  (public names of covidcxr.data.audit)
-    MIN_LABEL_IMAGES, check_demographics, check_patient_overlap, check_source_confounding, demographics_tables,
+    MIN_LABEL_IMAGES, check_demographics, check_patient_overlap, check_source_confounding, check_synthetic,
+    demographics_tables,
     source_label_table, source_only_auc,
 )
 from covidcxr.data.audit.duplicates import (  # noqa: F401
@@ -73,6 +74,7 @@ def audit_manifest(manifest: Manifest, *, strict: bool = False, max_distance: in
                           "manifest_sha256": manifest.sha256()})
     t0 = time.perf_counter()
     report.findings += check_patient_overlap(table)
+    report.findings += check_synthetic(table)
     if duplicates:
         if not allow_outside_root:
             manifest.check_paths_inside_root()

@@ -165,3 +165,25 @@ def check_demographics(table: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> 
 
 def _top(dist: pd.Series, k: int = 3) -> str:
     return ", ".join(f"{idx} {v:.0%}" for idx, v in dist.sort_values(ascending=False).head(k).items() if v > 0)
+
+
+def check_synthetic(table: pd.DataFrame) -> list[Finding]:
+    """Generated images: how many, from which generators, and an error where a synthetic image's patient
+    has real images in val / test / external (the generator saw a held-out patient's image)."""
+    from covidcxr.data.synthetic import synthetic_mask
+
+    synth = synthetic_mask(table)
+    if not synth.any():
+        return []
+    real = table[~synth]
+    held = set(real.loc[real["split"].isin(["val", "test", "external"]), "patient_id"])
+    leaking = sorted(set(table.loc[synth, "patient_id"]) & held)
+    generators = sorted(set(table.loc[synth, "generator_sha256"]))
+    out = [Finding("synthetic_images", "info", f"{int(synth.sum())} synthetic image(s) (training only) from "
+                   f"{len(generators)} generator(s)", {"images": int(synth.sum()), "generators": generators})]
+    if leaking:
+        out.append(Finding("synthetic_from_held_out_patient", "error",
+                           f"{len(leaking)} patient(s) with synthetic images also have real images in val / test / "
+                           f"external, e.g. {leaking[0]}: generate only from train rows",
+                           {"patients": len(leaking), "examples": leaking[:20]}))
+    return out
