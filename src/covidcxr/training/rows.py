@@ -85,6 +85,11 @@ def prepare_training_data(config: TrainingConfig, manifest: Manifest | None = No
     if d.val_max_images and val_mask.sum() > d.val_max_images:
         val_mask = _stratified_cap(manifest.table, val_mask, d.val_max_images, config.train.seed)
         info["val_capped_to"] = int(val_mask.sum())
+    if d.synthetic_manifest and train_mask.any():
+        from covidcxr.training.synthetic_rows import add_synthetic_rows
+
+        manifest, train_mask, val_mask, held_out = add_synthetic_rows(
+            manifest, train_mask, val_mask, held_out, d.synthetic_manifest, d.synthetic_max, config.train.seed, info)
     if not train_mask.any() or not val_mask.any():
         raise ConfigError(f"{manifest.name}: need rows with {d.split_column}=train and =val "
                           f"(found {int(train_mask.sum())} train, {int(val_mask.sum())} val)")
