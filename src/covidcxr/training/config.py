@@ -66,6 +66,10 @@ class DataConfig(_Section):
     validate_images: Literal["decode", "exists"] = "decode"
     # Manifest rows must resolve inside the manifest's folder or the data root; true lifts that.
     allow_outside_root: bool = False
+    # Synthetic images (`covidcxr synth generate`) added to the training rows only (never val / test), at
+    # most synthetic_max of them (seeded); each must come from a training patient (training/synthetic_rows.py).
+    synthetic_manifest: Optional[str] = None
+    synthetic_max: Optional[int] = Field(None, ge=0)
 
 
 class ModelConfig(_Section):
