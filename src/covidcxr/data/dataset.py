@@ -12,6 +12,11 @@ are skipped with their reason when the dataset is built with ``validate="decode"
 nothing is dropped silently. With ``validate="exists"`` only missing files are skipped up front and
 an image that later fails to decode stops with :class:`~covidcxr.errors.ImageReadError` naming it.
 
+With a spec that crops to the lungs (``roi: lungs``) the dataset needs the run's ``lung_finder``
+(:data:`covidcxr.data.lung_roi.LungFinder`); it finds every image's lungs once, up front (like
+``validate="decode"``), so an image with no lungs is skipped with that reason before training starts,
+and an image that fell back to the full image (``roi_fallback: full``) is listed in ``roi_fallbacks``.
+
 An item may be requested as ``dataset[i]`` or ``dataset[(i, seed)]``; the seed fixes that item's
 augmentation, which is how the training samplers make runs reproducible across worker counts.
 """
@@ -28,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from covidcxr.data.labels import LabelSpace, get_label_space
+from covidcxr.data.lung_roi import LungFinder, LungROI, locate_lungs
 from covidcxr.data.manifest import Manifest
 from covidcxr.data.preprocess import PreprocessSpec, dequantise, prepare, to_tensor
 from covidcxr.errors import ImageReadError
@@ -72,12 +78,15 @@ class CXRDataset(Dataset):
 
     def __init__(self, manifest: Manifest, label_space: LabelSpace | str, spec: PreprocessSpec, *,
                  augment: Augment | None = None, validate: str = "exists",
-                 memory_cache: bool = True, progress: bool = False, allow_outside_root: bool = False):
+                 memory_cache: bool = True, progress: bool = False, allow_outside_root: bool = False,
+                 lung_finder: LungFinder | None = None):
         if validate not in ("decode", "exists"):
             raise ValueError(f"validate={validate!r}: use 'decode' or 'exists'")
         self.label_space = get_label_space(label_space) if not isinstance(label_space, LabelSpace) else label_space
         self.spec = spec.require_resolved()
         self.augment = augment
+        self.lung_finder = lung_finder
+        self._rois: dict[str, LungROI | None] = {}  # path -> the image's lung ROI (found once)
         keep, y = self.label_space.targets(manifest.table)
         self.excluded = int((~keep).sum())
         rows = np.flatnonzero(keep)
@@ -88,7 +97,7 @@ class CXRDataset(Dataset):
         self._memory: dict[int, np.ndarray] | None = {} if memory_cache else None  # index -> prepared uint16
         self.rows, self.targets = rows[good], y[good]
         self.paths = [paths[r] for r in self.rows]
-        if validate == "decode":
+        if validate == "decode" or spec.roi == "lungs":
             self._decode_all(progress)
         self.table = manifest.table.iloc[self.rows].reset_index(drop=True)
         self.sources = self.table["source"].to_numpy()
@@ -100,7 +109,8 @@ class CXRDataset(Dataset):
 
         ok = np.ones(len(self.rows), dtype=bool)
         with make_progress("img", disable=not progress) as bar:
-            task = bar.add_task("checking images", total=len(self.rows))
+            what = "finding lungs" if self.spec.roi == "lungs" else "checking images"
+            task = bar.add_task(what, total=len(self.rows))
             for i in range(len(self.rows)):
                 try:
                     self._prepared(i)
@@ -132,11 +142,21 @@ class CXRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def roi(self, i: int, working: np.ndarray | None = None) -> LungROI | None:
+        """Item ``i``'s lung ROI (None with ``roi: full``), found once per image."""
+        key = str(self.paths[i])
+        if key not in self._rois:
+            if working is None:
+                working = load_working(self.paths[i], self.spec.working_size)
+            self._rois[key] = locate_lungs(working, self.spec, self.lung_finder, key)
+        return self._rois[key]
+
     def _prepared(self, i: int) -> np.ndarray:
         """The prepared uint16 S x S image (pipeline stage 2), kept in memory after the first read."""
         if self._memory is not None and i in self._memory:
             return self._memory[i]
-        img = prepare(load_working(self.paths[i], self.spec.working_size), self.spec)
+        working = load_working(self.paths[i], self.spec.working_size)
+        img = prepare(working, self.spec, self.roi(i, working))
         if self._memory is not None:
             self._memory[i] = img
         return img
@@ -151,8 +171,12 @@ class CXRDataset(Dataset):
 
     def report(self) -> dict:
         """What was left out and why (stored in run.json)."""
-        return {"images": len(self), "excluded_by_label_space": self.excluded,
-                "skipped": [s.to_dict() for s in self.skipped]}
+        out = {"images": len(self), "excluded_by_label_space": self.excluded,
+               "skipped": [s.to_dict() for s in self.skipped]}
+        if self.spec.roi == "lungs":
+            out["roi_fallbacks"] = [{"path": p, "reason": r.fallback} for p, r in self._rois.items()
+                                    if r is not None and r.fallback is not None]
+        return out
 
 
 def class_counts(targets: Sequence[int], num_classes: int) -> np.ndarray:

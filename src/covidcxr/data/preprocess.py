@@ -8,13 +8,17 @@ only a resolved spec can make tensors.
 
 The pipeline has one order, used by the training Dataset and by every inference path:
 
-    decode (data.io)  ->  working size  ->  intensity  ->  resize  ->  [augment, training only]  ->  tensor
+    decode (data.io)  ->  working size  ->  [lung ROI]  ->  intensity  ->  resize  ->  [augment, training only]  ->  tensor
 
 * **working size** (:func:`working_image`): the longer side is shrunk to ``working_size``
   (``cv2.INTER_AREA``, aspect kept, never enlarged) and stored as uint16. The working-size cache
   stores exactly this array, so a cache hit and a fresh decode give bit-identical inputs. Intensity
   standardisation (CLAHE in particular) depends on resolution, so it must always see this size,
   whether the file is a 512 px JPEG or a 4000 px DICOM.
+* **lung ROI** (``roi: lungs``, :mod:`covidcxr.data.lung_roi`): crop the working image to the box
+  around its predicted lungs plus a margin, optionally black out everything outside the dilated lung
+  mask. The mask comes from the run's own lung segmenter (``RUN/segmenter``, pinned by
+  ``segmenter_sha256``), found on the working image by training and inference alike.
 * **intensity + resize** (:func:`prepare`): standardise, resize to ``image_size`` x ``image_size``
   and quantise to uint16 again. The training Dataset keeps these arrays in memory; inference
   builds the same array from the same working image.
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from covidcxr.data.lung_roi import LungFinder, apply_roi, locate_lungs
 from covidcxr.errors import ConfigError
 
 #: Intensity standardisations, by name (the one list; configs, CLI help and the spec use it).
@@ -38,7 +43,8 @@ RESIZE_MODES = ("stretch", "letterbox")
 Intensity = Literal["none", "minmax", "percentile", "hist_eq", "clahe"]
 Resize = Literal["stretch", "letterbox"]
 #: The order of the pipeline's stages (documentation and the run record's provenance).
-STAGES = ("decode", "working_size", "intensity", "resize", "tensor")
+STAGES = ("decode", "working_size", "roi", "intensity", "resize", "tensor")
+ROI_MODES = ("full", "lungs")
 _U16 = 65535.0
 
 
@@ -61,6 +67,19 @@ class PreprocessSpec(BaseModel):
     #: Normalisation; None: the architecture's pretrained statistics (resolve()).
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
+    #: full: the whole image; lungs: crop to the predicted lung box (covidcxr.data.lung_roi).
+    roi: Literal["full", "lungs"] = "full"
+    #: The lung box grows by this share of its height / width on each side.
+    roi_margin: float = Field(0.1, ge=0, le=1)
+    #: Also black out pixels outside the lung mask dilated by roi_dilate x the image's longer side.
+    roi_mask_outside: bool = False
+    roi_dilate: float = Field(0.03, ge=0, le=0.5)
+    #: A mask covering less of the image than this means "no lungs found".
+    roi_min_lung_fraction: float = Field(0.02, ge=0, lt=1)
+    #: No lungs found -> reject the image with its reason, or use the full image and record that.
+    roi_fallback: Literal["reject", "full"] = "reject"
+    #: SHA-256 of the lung segmenter's weights the ROI was trained with (filled in by training).
+    segmenter_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
 
     @model_validator(mode="before")
     @classmethod
@@ -218,13 +237,20 @@ def resize_square(pixels: np.ndarray, size: int, mode: Resize = "stretch") -> np
     return out
 
 
-def prepare(working: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Stage 2: uint16 working image -> intensity-standardised, resized uint16 S x S image.
+def prepare(working: np.ndarray, spec: PreprocessSpec, roi=None) -> np.ndarray:
+    """Stage 2: uint16 working image -> [lung ROI] -> intensity-standardised, resized uint16 S x S image.
 
+    ``roi`` is the image's :class:`~covidcxr.data.lung_roi.LungROI` (from
+    :func:`~covidcxr.data.lung_roi.locate_lungs`); a spec with ``roi: lungs`` refuses to run without it.
     Training augmentation runs on ``dequantise(prepare(...))``, between this and :func:`to_tensor`.
     """
     if working.dtype != np.uint16:
         raise TypeError(f"prepare() takes the uint16 working image (working_image()), got {working.dtype}")
+    if spec.roi == "lungs":
+        if roi is None:
+            raise ConfigError("this spec crops to the lungs (roi: lungs): find the image's lungs first "
+                              "(covidcxr.data.lung_roi.locate_lungs) and pass roi=")
+        working = apply_roi(working, roi)
     x = standardise_intensity(dequantise(working), spec)
     return quantise(resize_square(x, spec.image_size, spec.resize))
 
@@ -243,6 +269,10 @@ def to_tensor(prepared: np.ndarray | torch.Tensor, spec: PreprocessSpec) -> torc
     return (x - mean) / std
 
 
-def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
-    """Decoded H x W float32 image in [0, 1] -> normalised C x S x S tensor, exactly as in training."""
-    return to_tensor(prepare(working_image(pixels, spec.working_size), spec), spec)
+def preprocess(pixels: np.ndarray, spec: PreprocessSpec, lung_finder: LungFinder | None = None, name: str = "image") -> torch.Tensor:
+    """Decoded H x W float32 image in [0, 1] -> normalised C x S x S tensor, exactly as in training.
+
+    ``lung_finder`` (:data:`covidcxr.data.lung_roi.LungFinder`) is needed when ``spec.roi`` is ``lungs``.
+    """
+    working = working_image(pixels, spec.working_size)
+    return to_tensor(prepare(working, spec, locate_lungs(working, spec, lung_finder, name)), spec)

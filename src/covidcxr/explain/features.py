@@ -48,7 +48,7 @@ def feature_maps(run_dir: str | Path, image: str | Path, layers: Sequence[str], 
     if not layers:
         raise ConfigError("feature maps: name at least one layer (e.g. 'blocks.3' or 'layer2')")
     run = run if run is not None else load_run(run_dir)
-    xray = prepare_input(image, run.spec)
+    xray = prepare_input(image, run.spec, lung_finder=run.lung_finder)
     acts = activations(run.model, xray.tensor.unsqueeze(0).to(run.device), layers)
     missing = [n for n in layers if n not in acts]
     if missing:

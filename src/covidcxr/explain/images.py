@@ -63,7 +63,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 def prepare_images(paths_: Sequence[str | Path], run: LoadedRun, *, allow_non_frontal: bool = False):
     """Yield (path, PreparedInput | None, reason | None) through the one pipeline, never stopping at a bad file."""
     for p in paths_:
-        prepared, reason = try_prepare(p, run.spec, allow_non_frontal=allow_non_frontal)
+        prepared, reason = try_prepare(p, run.spec, lung_finder=run.lung_finder, allow_non_frontal=allow_non_frontal)
         yield Path(p), prepared, reason
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from covidcxr.data.lung_roi import LungFinder, apply_roi, locate_lungs
 from covidcxr.data.plausibility import DEFAULT_CHECKS, InputChecks
 from covidcxr.data.preprocess import PreprocessSpec, dequantise, prepare, to_tensor, working_image
 from covidcxr.errors import CovidCXRError
@@ -48,6 +49,9 @@ class Predictor(Protocol):
     @property
     def classes(self) -> list[str]: ...
 
+    @property
+    def lung_finder(self) -> LungFinder | None: ...  # the run's segmenter when its spec has roi: lungs
+
     def predict_tensor(self, batch: torch.Tensor) -> np.ndarray: ...
 
     def decide(self, probs: np.ndarray) -> list[str]: ...
@@ -59,8 +63,10 @@ class PreparedInput:
 
     name: str
     input_sha256: str
-    pixels: np.ndarray  # the working-size image, float32 H x W in [0, 1] (aspect and orientation of the file)
-    meta: dict  # the reader's meta (format, original_shape, DICOM tags ...)
+    # The working-size image, float32 H x W in [0, 1] (aspect and orientation of the file); with
+    # roi: lungs, the lung crop of it the model saw (meta["roi"] gives its box in the working image).
+    pixels: np.ndarray
+    meta: dict  # the reader's meta (format, original_shape, DICOM tags ...) and, with roi: lungs, "roi"
     tensor: torch.Tensor  # C x S x S model input
 
     @property
@@ -81,23 +87,31 @@ class PredictionRecord:
         return self.input.name
 
 
-def prepare_bytes(data: bytes, name: str, spec: PreprocessSpec, *, allow_non_frontal: bool = False,
-                  **read_options) -> PreparedInput:
-    """Decode ``data`` (the bytes of one file or upload) and run the pipeline; raises ImageReadError."""
+def prepare_bytes(data: bytes, name: str, spec: PreprocessSpec, *, lung_finder: LungFinder | None = None,
+                  allow_non_frontal: bool = False, **read_options) -> PreparedInput:
+    """Decode ``data`` (the bytes of one file or upload) and run the pipeline; raises ImageReadError.
+
+    ``lung_finder`` is the run's (``predictor.lung_finder``); a spec with ``roi: lungs`` needs it, and an
+    image where it finds no lungs is refused with that reason (or recorded as a fallback in ``meta``).
+    """
     from covidcxr.data.io import decode_xray
 
     xray = decode_xray(data, name, allow_non_frontal=allow_non_frontal, **read_options)
     working = working_image(xray.pixels, spec.working_size)
-    return PreparedInput(name=str(name), input_sha256=hashlib.sha256(data).hexdigest(), pixels=dequantise(working),
-                         meta=dict(xray.meta), tensor=to_tensor(prepare(working, spec), spec))
+    roi = locate_lungs(working, spec, lung_finder, str(name))
+    meta = dict(xray.meta) if roi is None else {**xray.meta, "roi": roi.to_dict()}
+    seen = working if roi is None else apply_roi(working, roi)
+    return PreparedInput(name=str(name), input_sha256=hashlib.sha256(data).hexdigest(), pixels=dequantise(seen),
+                         meta=meta, tensor=to_tensor(prepare(working, spec, roi), spec))
 
 
-def prepare_input(path: str | Path, spec: PreprocessSpec, *, allow_non_frontal: bool = False,
-                  **read_options) -> PreparedInput:
+def prepare_input(path: str | Path, spec: PreprocessSpec, *, lung_finder: LungFinder | None = None,
+                  allow_non_frontal: bool = False, **read_options) -> PreparedInput:
     """Read ``path`` once (safely: no FIFOs, devices or link loops) and :func:`prepare_bytes` it."""
     from covidcxr.data.io import read_file_bytes
 
-    return prepare_bytes(read_file_bytes(path), str(path), spec, allow_non_frontal=allow_non_frontal, **read_options)
+    return prepare_bytes(read_file_bytes(path), str(path), spec, lung_finder=lung_finder,
+                         allow_non_frontal=allow_non_frontal, **read_options)
 
 
 def try_prepare(path: str | Path, spec: PreprocessSpec, **options) -> tuple[PreparedInput | None, str | None]:
@@ -134,8 +148,8 @@ def iter_predictions(predictor: Predictor, paths: Sequence[str | Path], *, batch
         task = bar.add_task("predicting", total=len(paths))
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            loaded = list(pool.map(lambda p: try_prepare(p, predictor.spec, allow_non_frontal=allow_non_frontal,
-                                                         checks=checks), chunk))
+            loaded = list(pool.map(lambda p: try_prepare(p, predictor.spec, lung_finder=predictor.lung_finder,
+                                                         allow_non_frontal=allow_non_frontal, checks=checks), chunk))
             good = [x for x, _ in loaded if x is not None]
             bad = [(p, reason) for p, (x, reason) in zip(chunk, loaded) if x is None]
             yield predict_inputs(predictor, good), bad

@@ -28,20 +28,10 @@ from covidcxr.errors import CovidCXRError, WeightsError
 from covidcxr.models.record import (MODEL_FILE, RUN_JSON, RunRecord, RunSplit, read_run_record, update_run_record,
                                     write_run_record)
 from covidcxr.models.registry import create_model
-from covidcxr.models.weights import sha256_file, verify_recorded_file
+from covidcxr.models.weights import save_weights, sha256_file, verify_recorded_file
 
 __all__ = ["MODEL_FILE", "RUN_JSON", "EnsembleModel", "FlipTTAModel", "LoadedRun", "RunView", "load_run",
            "read_run_record", "save_ensemble", "save_model", "save_weights", "update_run_record"]
-
-
-def save_weights(path: str | Path, model: nn.Module) -> None:
-    """Write ``model``'s state dict as safetensors, atomically (temporary file + rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def save_model(run_dir: str | Path, model: nn.Module, *, architecture: str, classes: Sequence[str],
@@ -161,6 +151,24 @@ class RunView:
     def decide(self, probs: np.ndarray) -> list[str]:
         return self.record.decide(probs)
 
+    @property
+    def lung_finder(self):
+        """The run's own lung segmenter (``RUN/segmenter``) when its spec crops to the lungs, else None.
+
+        Loaded once, with its record and weights checked and pinned by ``preprocess.segmenter_sha256``.
+        """
+        if self.spec.roi == "full":
+            return None
+        if "_lung_finder" not in self.__dict__:
+            from covidcxr.models.lung_finder import RUN_SEGMENTER_DIR, load_lung_finder
+
+            if self.spec.segmenter_sha256 is None:
+                raise WeightsError(f"{self.run_dir}: the run crops to the lungs but records no segmenter_sha256")
+            # An ensemble's members were trained with the same segmenter (their specs are equal).
+            home = self.run_dir / self.record.members[0] if self.record.members else self.run_dir
+            self.__dict__["_lung_finder"] = load_lung_finder(home / RUN_SEGMENTER_DIR, self.spec.segmenter_sha256)
+        return self.__dict__["_lung_finder"]
+
 
 @dataclass
 class LoadedRun(RunView):
@@ -185,7 +193,8 @@ class LoadedRun(RunView):
         """Decoded H x W float images in [0, 1] (as from ``read_xray``) -> N x K class probabilities."""
         from covidcxr.data.preprocess import preprocess
 
-        out = [self.predict_tensor(torch.stack([preprocess(img, self.spec) for img in images[i : i + batch_size]]))
+        out = [self.predict_tensor(torch.stack([preprocess(img, self.spec, self.lung_finder)
+                                                for img in images[i : i + batch_size]]))
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
@@ -209,4 +218,6 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
         model.load_state_dict(load_file(str(model_path)), strict=True)
         model = with_tta(model, record.tta)
     model.eval().to(device)
-    return LoadedRun(run_dir=run_dir, model=model, record=record)
+    run = LoadedRun(run_dir=run_dir, model=model, record=record)
+    run.lung_finder  # noqa: B018 - a missing or changed segmenter stops the load, not the first image
+    return run

@@ -32,8 +32,7 @@ from covidcxr.data.preprocess import PreprocessSpec, prepare, to_tensor, working
 from covidcxr.errors import ConfigError, CovidCXRError, WeightsError
 from covidcxr.models.record import (MODEL_FILE, RUN_JSON, SEGMENTER_FORMAT, Integrity, RunSplit,
                                     read_sealed_record, write_run_record)
-from covidcxr.models.run import save_weights
-from covidcxr.models.weights import read_state_dict, sha256_file, verify_recorded_file
+from covidcxr.models.weights import read_state_dict, save_weights, sha256_file, verify_recorded_file
 
 ARCHITECTURE = "smp_unet_mobilenet_v2"
 ENCODER_FILE = "mobilenet_v2_imagenet_features_torchvision.pth"

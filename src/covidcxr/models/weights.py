@@ -383,3 +383,13 @@ def _imagenet_help(arch, tried: list[str], failures: list[str]) -> str:
         lines.append(f"Downloads were skipped because {OFFLINE_ENV} / HF_HUB_OFFLINE is set.")
     lines.append("Or pass weights=PATH to a local .safetensors / .pth state dict (with its SHA-256).")
     return " ".join(lines)
+
+
+def save_weights(path: str | Path, model: nn.Module) -> None:
+    """Write ``model``'s state dict as safetensors, atomically (temporary file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)

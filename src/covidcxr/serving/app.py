@@ -154,7 +154,8 @@ class PredictionService:
 
         name = filename or "upload"
         try:
-            return prepare_bytes(data, name, self.run.spec, allow_non_frontal=self.settings.allow_non_frontal,
+            return prepare_bytes(data, name, self.run.spec, lung_finder=self.run.lung_finder,
+                                 allow_non_frontal=self.settings.allow_non_frontal,
                                  max_pixels=self.settings.max_pixels, checks=self.settings.input_checks())
         except ImageReadError as exc:
             prefix = "not a frontal chest X-ray: " if isinstance(exc, NotAChestXRayError) else ""

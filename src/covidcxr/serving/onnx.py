@@ -155,7 +155,9 @@ def load_onnx_run(run_dir: str | Path, onnx_path: str | Path | None = None, *, t
     if threads:
         options.intra_op_num_threads = int(threads)
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    return OnnxRun(run_dir=run_dir, record=record, session=session, onnx_path=path, onnx_sha256=meta.sha256)
+    run = OnnxRun(run_dir=run_dir, record=record, session=session, onnx_path=path, onnx_sha256=meta.sha256)
+    run.lung_finder  # noqa: B018 - roi: lungs runs bring their (PyTorch) segmenter; check it at load time
+    return run
 
 
 #: How each ``--backend`` opens a run directory (registry, not an if-chain).

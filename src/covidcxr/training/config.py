@@ -70,6 +70,9 @@ class DataConfig(_Section):
     # most synthetic_max of them (seeded); each must come from a training patient (training/synthetic_rows.py).
     synthetic_manifest: Optional[str] = None
     synthetic_max: Optional[int] = Field(None, ge=0)
+    # The lung segmenter for preprocess.roi=lungs: "default" (shipped with covidcxr) or a segmenter run
+    # directory (`covidcxr segment train`). Copied into RUN/segmenter and pinned by its SHA-256.
+    lung_segmenter: str = "default"
 
 
 class ModelConfig(_Section):
@@ -168,9 +171,12 @@ class TrainConfig(_Section):
     # weighting over (source, class) cells, online exponentiated-gradient weights with step dro_eta);
     # within_source_auc (logistic pairwise loss on positive-negative pairs of the SAME source in a
     # batch, plus auc_ce_weight x cross-entropy).
-    objective: Literal["ce", "group_dro", "within_source_auc"] = "ce"
+    # label_decomposition (3class): P(abnormal) on pneumonia-vs-normal inside sources x P(covid | abnormal)
+    # on COVID-vs-pneumonia inside sources (covidcxr.training.decomposition); needs sampler source_balanced.
+    objective: Literal["ce", "group_dro", "within_source_auc", "label_decomposition"] = "ce"
     dro_eta: float = Field(0.05, gt=0)
     auc_ce_weight: float = Field(0.5, ge=0)
+    decomposition_covid_weight: float = Field(1.0, gt=0)
     # Source-adversarial training (DANN; covidcxr.training.adversarial): a source classifier on the
     # penultimate features behind a gradient-reversal layer, its CE added to the objective with
     # coefficient lambda = weight (constant) or weight * (2 / (1 + exp(-10 p)) - 1) (dann, p = training
@@ -242,6 +248,9 @@ class TrainingConfig(_Section):
         if t.objective != "ce" and a.enabled and (a.mixup_alpha > 0 or a.cutmix_alpha > 0):
             raise ValueError(f"train.objective={t.objective} works on per-image labels; it cannot be combined "
                              "with augment.mixup_alpha / augment.cutmix_alpha (set them to 0)")
+        if t.objective == "label_decomposition" and t.sampler != "source_balanced":
+            raise ValueError("train.objective=label_decomposition needs train.sampler=source_balanced: it balances "
+                             "the classes inside each source, so that no source predicts a label in either contrast")
         if t.source_adversarial_weight > 0 and a.enabled and (a.mixup_alpha > 0 or a.cutmix_alpha > 0):
             raise ValueError("train.source_adversarial_weight > 0 needs one source per image; it cannot be combined "
                              "with augment.mixup_alpha / augment.cutmix_alpha (set them to 0)")

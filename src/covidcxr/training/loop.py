@@ -53,6 +53,7 @@ from covidcxr.training.adversarial import SourceAdversary, build_adversary
 from covidcxr.training.augment import BatchMixer, apply_seeded, build_augmentation
 from covidcxr.training.config import TrainingConfig, dump_config
 from covidcxr.training.finalize import finalize_run, write_val_predictions
+from covidcxr.training.lung_roi import attach_lung_segmenter
 from covidcxr.training.objectives import CrossEntropy, build_objective
 from covidcxr.training.optim import build_model, build_optimizer, build_scheduler, build_spec, class_loss_weights
 from covidcxr.training.rows import TrainingData, prepare_training_data
@@ -199,7 +200,7 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
 
     data = data or prepare_training_data(config, manifest)
     space: LabelSpace = get_label_space(config.data.label_space)
-    spec = build_spec(config)
+    spec, lung_finder = attach_lung_segmenter(config, build_spec(config), out_dir)
     # The model first: missing / mismatching weights should stop a run before images are read.
     seed_everything(t.seed, epoch=10**6)  # the new head's initial weights (a stream no epoch uses)
     model, groups, finetune_plan = build_model(config, len(space.classes))
@@ -211,9 +212,10 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
         data.manifest.subset(mask=data.train_mask), space, spec,
         augment=functools.partial(apply_seeded, augmentation) if augmentation else None,
         validate=config.data.validate_images, progress=t.progress,
-        allow_outside_root=config.data.allow_outside_root, **train_kwargs)
+        allow_outside_root=config.data.allow_outside_root, lung_finder=lung_finder, **train_kwargs)
     val_ds = CXRDataset(data.manifest.subset(mask=data.val_mask), space, spec, validate=config.data.validate_images,
-                        progress=t.progress, allow_outside_root=config.data.allow_outside_root)
+                        progress=t.progress, allow_outside_root=config.data.allow_outside_root,
+                        lung_finder=lung_finder)
     if len(train_ds) < 2 or len(val_ds) < 2:
         raise ConfigError(f"too few usable images: {len(train_ds)} train, {len(val_ds)} val")
     positive = space.positive

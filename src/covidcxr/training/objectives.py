@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from covidcxr.errors import ConfigError
 from covidcxr.training.config import TrainingConfig
 
-OBJECTIVES = ("ce", "group_dro", "within_source_auc")
+OBJECTIVES = ("ce", "group_dro", "within_source_auc", "label_decomposition")
 
 
 def cell_ids(sources: Sequence, targets: Sequence[int]) -> tuple[np.ndarray, list[tuple[str, int]]]:
@@ -182,6 +182,10 @@ def build_objective(config: TrainingConfig, *, class_weights: torch.Tensor | Non
         return CrossEntropy(class_weights, t.label_smoothing), groups
     if t.objective == "group_dro":
         return GroupDRO(len(cells), t.dro_eta, class_weights, t.label_smoothing, cells), groups
+    if t.objective == "label_decomposition":
+        from covidcxr.training.decomposition import LabelDecomposition
+
+        return LabelDecomposition(classes, cells, t.decomposition_covid_weight), groups
     if positive is None or positive not in classes:
         raise ConfigError("config key train.objective: within_source_auc needs a label space with a positive class "
                           "(e.g. binary covid vs non-covid)")

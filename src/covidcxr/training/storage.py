@@ -57,7 +57,8 @@ class WorkingStageDataset(CXRDataset):
             x = resolution_roundtrip(x, draw["resolution"])
         if draw["jpeg"] is not None:
             x = jpeg_roundtrip(x, draw["jpeg"], draw["jpeg_scale"])
-        return torch.from_numpy(dequantise(prepare(quantise(x.numpy()), self.spec)))[None]
+        # The lungs are where the clean image has them: re-compression does not move them.
+        return torch.from_numpy(dequantise(prepare(quantise(x.numpy()), self.spec, self.roi(i))))[None]
 
     def __getitem__(self, item):
         i, seed = (item if isinstance(item, tuple) else (item, None))
