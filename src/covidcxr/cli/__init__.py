@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from covidcxr.cli.console import console, err_console
+from covidcxr.cli.dicom import dicom_app
 from covidcxr.cli.segment import segment_app
 from covidcxr.cli.synth import synth_app
 from covidcxr.errors import CovidCXRError
@@ -22,6 +23,7 @@ app = typer.Typer(help="Train, validate, explain and serve chest X-ray COVID-19 
 data_app = typer.Typer(help="Import, split, audit and cache chest X-ray datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(segment_app, name="segment")
+app.add_typer(dicom_app, name="dicom")
 app.add_typer(synth_app, name="synth")
 
 
