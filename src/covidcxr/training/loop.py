@@ -52,6 +52,8 @@ from covidcxr.models.run import save_weights
 from covidcxr.training.adversarial import SourceAdversary, build_adversary
 from covidcxr.training.augment import BatchMixer, apply_seeded, build_augmentation
 from covidcxr.training.config import TrainingConfig, dump_config
+from covidcxr.training.distributed import (DistributedContext, check_distributed_config, join_process_group,
+                                           shard_sampler, sync_batchnorm)
 from covidcxr.training.finalize import finalize_run, write_val_predictions
 from covidcxr.training.lung_roi import attach_lung_segmenter
 from covidcxr.training.objectives import CrossEntropy, build_objective
@@ -140,13 +142,16 @@ def fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | Non
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     out_dir = Path(out_dir)
     existed = out_dir.exists()
+    ctx = join_process_group()  # a torchrun job (covidcxr.training.distributed), else a plain run
     try:
         return _fit(config, out_dir, manifest=manifest, resume=resume, data=data, write_card=write_card,
-                    extra_info=extra_info)
+                    extra_info=extra_info, ctx=ctx)
     except Exception as exc:
-        _mark_failed(out_dir, existed, exc)
+        if ctx.is_main:
+            _mark_failed(out_dir, existed, exc)
         raise
     finally:
+        ctx.close()
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_num_threads(threads)
 
@@ -174,33 +179,37 @@ def _divergence_message(config: TrainingConfig, epoch: int, step: int, logits: t
 
 
 def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | None, resume: bool,
-         data: TrainingData | None, write_card: bool, extra_info: dict | None) -> Path:
+         data: TrainingData | None, write_card: bool, extra_info: dict | None,
+         ctx: DistributedContext = DistributedContext()) -> Path:
     from covidcxr.progress import make_progress
 
     started = time.perf_counter()
     t = config.train
     ckpt_dir = out_dir / CHECKPOINT_DIR
     last_path = ckpt_dir / LAST_CKPT
+    check_distributed_config(config, ctx)
     if not resume and last_path.exists():
         raise CovidCXRError(f"{out_dir}: already holds a training run; pass --resume to continue it "
                             "or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # in a DDP job rank 0 alone writes the run directory
+        out_dir.mkdir(parents=True, exist_ok=True)
     config_text = dump_config(config)
     if resume and (out_dir / "config.yaml").is_file() and (out_dir / "config.yaml").read_text() != config_text:
         raise CovidCXRError(f"{out_dir / 'config.yaml'}: the run was started with another configuration; "
                             "resume with the same config and overrides")
-    atomic_write_bytes(out_dir / "config.yaml", config_text.encode())
+    if ctx.is_main:
+        atomic_write_bytes(out_dir / "config.yaml", config_text.encode())
 
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    device = resolve_device(t.device)
+    device = ctx.device(resolve_device(t.device))
 
     data = data or prepare_training_data(config, manifest)
     space: LabelSpace = get_label_space(config.data.label_space)
-    spec, lung_finder = attach_lung_segmenter(config, build_spec(config), out_dir)
+    spec, lung_finder = attach_lung_segmenter(config, build_spec(config), out_dir, write=ctx.is_main)
     # The model first: missing / mismatching weights should stop a run before images are read.
     seed_everything(t.seed, epoch=10**6)  # the new head's initial weights (a stream no epoch uses)
     model, groups, finetune_plan = build_model(config, len(space.classes))
@@ -226,12 +235,14 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                           "that class. Add data with it, or use a label space without it")
     check_selection_possible(config, val_ds, positive)
 
+    model = sync_batchnorm(model, ctx, device)
     model.to(device)
     if device.type == "cuda" and t.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, groups)
-    sampler = make_batch_sampler(t.sampler, list(train_ds.targets), list(train_ds.sources), t.batch_size,
-                                 t.samples_per_epoch, t.seed, t.single_class_source_weight)
+    sampler = shard_sampler(make_batch_sampler(t.sampler, list(train_ds.targets), list(train_ds.sources),
+                                               t.batch_size, t.samples_per_epoch, t.seed,
+                                               t.single_class_source_weight), ctx)
     steps_per_epoch = len(sampler)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     loss_weights = class_loss_weights(config, train_ds)
@@ -261,11 +272,14 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
             adversary.load_state_dict(ckpt.get("adversary", {}))
         log.info("resuming %s after epoch %d", out_dir, start_epoch)
     # metrics.jsonl holds exactly the finished epochs (a killed epoch's line, if any, is dropped).
-    atomic_write_bytes(out_dir / METRICS_FILE, "".join(_json_line(h) for h in history).encode())
+    if ctx.is_main:
+        atomic_write_bytes(out_dir / METRICS_FILE, "".join(_json_line(h) for h in history).encode())
 
-    writer = _tensorboard(out_dir) if t.tensorboard else None
+    writer = _tensorboard(out_dir) if t.tensorboard and ctx.is_main else None
     stopped_early = bool(history and history[-1].get("stop"))
-    with make_progress("img", disable=not t.progress, extra="loss {task.fields[loss]:.4f}") as progress:
+    train_model = None
+    show = t.progress and ctx.is_main
+    with make_progress("img", disable=not show, extra="loss {task.fields[loss]:.4f}") as progress:
         for epoch in range(start_epoch, t.epochs):
             if stopped_early:
                 break
@@ -278,25 +292,31 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                                         config.model.last_k)
                 record["phase"] = "linear_probe" if plan.mode == "linear" else "finetune"
             record["lr"] = optimizer.param_groups[0]["lr"]
-            record.update(train_one_epoch(model, loader, optimizer, scheduler, mixer, objective, item_groups,
-                                          device=device, config=config, progress=progress, epoch=epoch,
-                                          adversary=adversary))
+            if train_model is None or t.lp_epochs:  # DDP registers the parameters that train this phase
+                train_model = ctx.wrap(model, device)
+            record.update(ctx.combine_epoch(train_one_epoch(
+                train_model, loader, optimizer, scheduler, mixer, objective, item_groups, device=device,
+                config=config, progress=progress, epoch=epoch, adversary=adversary)))
             if adversary is not None:
                 record.update(adversary.epoch_metrics())
                 adversary.reset_epoch()
             if t.objective == "group_dro":
                 record["dro_group_weights"] = objective.summary()["group_weights"]
-            tv = time.perf_counter()
-            probs = predict_dataset(model, val_ds, batch_size=t.batch_size * 2, device=device, amp=t.amp,
-                                    channels_last=device.type == "cuda" and t.channels_last, tta=config.ensemble.tta)
-            record.update(validation_metrics(probs, val_ds.targets, val_ds.sources, space.classes, positive))
-            record["val_seconds"] = time.perf_counter() - tv
+            if ctx.is_main:
+                tv = time.perf_counter()
+                probs = predict_dataset(model, val_ds, batch_size=t.batch_size * 2, device=device, amp=t.amp,
+                                        channels_last=device.type == "cuda" and t.channels_last,
+                                        tta=config.ensemble.tta)
+                record.update(validation_metrics(probs, val_ds.targets, val_ds.sources, space.classes, positive))
+                record["val_seconds"] = time.perf_counter() - tv
+            record = ctx.broadcast(record)  # every rank takes rank 0's selection and early-stopping decision
             value = selection_value(record, t.selection_metric)
             if is_better(value, best, t.selection_metric, t.min_delta):
                 best, best_epoch, bad_epochs = value, epoch + 1, 0
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                save_weights(ckpt_dir / BEST_WEIGHTS, model)
-                write_val_predictions(out_dir, val_ds, probs)
+                if ctx.is_main:
+                    ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    save_weights(ckpt_dir / BEST_WEIGHTS, model)
+                    write_val_predictions(out_dir, val_ds, probs)
                 record["selected"] = True
             else:
                 bad_epochs += 1
@@ -305,6 +325,8 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                 record["stop"] = True
                 stopped_early = True
             history.append(record)
+            if not ctx.is_main:
+                continue
             with open(out_dir / METRICS_FILE, "a") as f:
                 f.write(_json_line(record))
             if writer is not None:
@@ -318,7 +340,7 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
                 "history": [json.dumps(h) for h in history], "objective": objective.state_dict(),
                 **({"adversary": adversary.state_dict()} if adversary is not None else {}),
             })
-            if t.progress:
+            if show:
                 progress.console.print(epoch_summary(record), highlight=False)
     if writer is not None:
         writer.close()
@@ -326,13 +348,20 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
         adversary.remove()  # training-only: the model leaves training without the feature hook
     if best_epoch is None:
         raise CovidCXRError(f"{out_dir}: no epoch produced a finite {t.selection_metric}; nothing to save")
-    return finalize_run(config, out_dir, model, spec, space, train_ds, val_ds, data, history, best, best_epoch,
+    distributed = ctx.summary(model)
+    if not ctx.is_main:
+        ctx.barrier()  # returns once rank 0 has written the finished run
+        return out_dir
+    extra_info = {**(extra_info or {}), **({"distributed": distributed} if distributed else {})}
+    run_dir = finalize_run(config, out_dir, model, spec, space, train_ds, val_ds, data, history, best, best_epoch,
                         stopped_early, time.perf_counter() - started, device, write_card,
                         {"finetune": finetune_plan, "objective": objective.summary(),
                          "source_adversary": adversary.summary() if adversary is not None else None,
                          "lp_ft": ({"lp_epochs": t.lp_epochs, "lp_lr": t.lp_lr or t.lr,
                                     "backbone_lr_mult": config.model.backbone_lr_mult} if t.lp_epochs else None),
-                         **(extra_info or {})})
+                         **extra_info})
+    ctx.barrier()
+    return run_dir
 
 
 def epoch_summary(record: dict) -> str:
