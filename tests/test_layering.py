@@ -11,7 +11,7 @@ import covidcxr
 SRC = Path(covidcxr.__file__).parent
 #: A package may import packages of its own level or below (shared helpers are level 0 too).
 LEVEL = {"errors": 0, "paths": 0, "files": 0, "progress": 0, "plotting": 0, "_lazy": 0, "covidcxr": 0,
-         "data": 1, "models": 2, "training": 3, "evaluation": 3, "explain": 3, "serving": 4, "cli": 5,
+         "data": 1, "models": 2, "training": 3, "evaluation": 3, "explain": 3, "serving": 4, "audit": 4, "cli": 5,
          "__main__": 5}
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from covidcxr.data.preprocess import PreprocessSpec
 from covidcxr.errors import CovidCXRError, WeightsError, validation_problems
 from covidcxr.files import dumps_json, write_json
+from covidcxr.models.provenance import Provenance
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -97,6 +98,10 @@ class RunRecord(_Strict):
     calibration: Optional[dict] = None
     split: Optional[RunSplit] = None
     info: dict = {}
+    #: SHA-256 of every train / val / test image file, the manifest and the resolved config (models.provenance).
+    provenance: Optional[Provenance] = None
+    #: Trust audits of the model, by name ("shortcuts", "backdoor"), as written by ``covidcxr audit``.
+    audits: dict = {}
     integrity: Optional[Integrity] = None
 
     @field_validator("classes")

@@ -37,11 +37,12 @@ __all__ = ["MODEL_FILE", "RUN_JSON", "EnsembleModel", "FlipTTAModel", "LoadedRun
 def save_model(run_dir: str | Path, model: nn.Module, *, architecture: str, classes: Sequence[str],
                preprocess_spec: PreprocessSpec, positive_class: str | None = None, threshold: float | None = None,
                label_space: dict | None = None, split: RunSplit | None = None, tta: Sequence[str] = (),
-               info: dict | None = None) -> Path:
+               info: dict | None = None, provenance=None) -> Path:
     """Write ``model.safetensors`` + ``run.json`` (through the record's one writer) into ``run_dir``; returns it.
 
     ``preprocess_spec`` must be resolved (:func:`covidcxr.models.registry.resolve_spec`).
-    ``info`` carries free-form provenance (selection metric, training manifest hash and counts, ...).
+    ``info`` carries free-form provenance (selection metric, training manifest hash and counts, ...);
+    ``provenance`` (:class:`covidcxr.models.provenance.Provenance`) the data and config hashes.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,8 @@ def save_model(run_dir: str | Path, model: nn.Module, *, architecture: str, clas
         architecture=architecture, classes=list(classes),
         positive_class=positive_class if positive_class is not None else _default_positive(classes),
         label_space=label_space, preprocess=preprocess_spec.require_resolved(), threshold=threshold,
-        model_sha256=sha256_file(run_dir / MODEL_FILE), tta=list(tta), split=split, info=info or {})
+        model_sha256=sha256_file(run_dir / MODEL_FILE), tta=list(tta), split=split, info=info or {},
+        provenance=provenance)
     write_run_record(run_dir, record)
     return run_dir
 

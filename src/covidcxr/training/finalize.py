@@ -16,6 +16,7 @@ from covidcxr.data.manifest import Manifest
 from covidcxr.data.preprocess import PreprocessSpec
 from covidcxr.errors import CovidCXRError
 from covidcxr.files import atomic_write_bytes, write_json
+from covidcxr.models.provenance import hash_data_files
 from covidcxr.models.record import SPLIT_FILE, RunSplit
 from covidcxr.models.run import save_model
 from covidcxr.models.weights import sha256_file
@@ -68,7 +69,10 @@ def finalize_run(config: TrainingConfig, out_dir: Path, model: nn.Module, spec: 
     threshold, threshold_info = choose_threshold(config, y, score)
     best_record = next(h for h in history if h["epoch"] == best_epoch)
     split_column = split_column_used(config, data)
-    split = write_split(out_dir, data.manifest, data.run_split(split_column))
+    run_split = data.run_split(split_column)
+    split = write_split(out_dir, data.manifest, run_split)
+    # Every image file the run learned from, was selected on or is tested on, by SHA-256 (covidcxr verify).
+    provenance = hash_data_files(out_dir, data.manifest, run_split, config.data.manifest)
     counts = data_counts(data.manifest, space, split_column)
     atomic_write_bytes(out_dir / "data_counts.csv", counts.to_csv(index=False, lineterminator="\n").encode())
     labels = {"label_space": space.to_dict(), "class_index": {c: i for i, c in enumerate(space.classes)},
@@ -98,7 +102,7 @@ def finalize_run(config: TrainingConfig, out_dir: Path, model: nn.Module, spec: 
     }
     save_model(out_dir, model, architecture=config.model.name, classes=space.classes, preprocess_spec=spec,
                positive_class=space.positive, threshold=threshold, label_space=space.to_dict(), split=split,
-               tta=config.ensemble.tta, info=info)
+               tta=config.ensemble.tta, info=info, provenance=provenance)
     _plot_history(out_dir, history, config.train.selection_metric, best_epoch)
     if write_card:
         from covidcxr.training.model_card import write_model_card
