@@ -4,8 +4,9 @@ Same pattern as the web service's log (:mod:`covidcxr.serving.audit_log`): SQLAl
 default, append-only, one writer lock. A row holds the SHA-256 of the SOP Instance UID (never the UID,
 and no patient name, id, date, accession number or pixels), the calling AE title (a device, not a
 person), the model's SHA-256, the probabilities and decision, the DIMSE status, timings and the
-outcome. Reasons are passed through :func:`~covidcxr.serving.audit_log.scrub_reason` with the
-received bytes, so no text copied out of the DICOM header reaches the log.
+outcome. Reasons lose every identifying header value of the instance (:data:`IDENTIFYING_KEYWORDS`) and
+then pass through :func:`~covidcxr.serving.audit_log.scrub_reason` with the received bytes, so no text
+copied out of the DICOM header reaches the log.
 """
 
 from __future__ import annotations
@@ -46,6 +47,41 @@ events_table = sa.Table(
 DICOM_AUDIT_COLUMNS = tuple(c.name for c in events_table.columns)
 
 
+#: Header values that identify a patient, a study or an instance; removed from any reason before it is stored
+#: (whatever their length: the generic scrubber only catches runs of 6+ characters).
+IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "PatientBirthDate",
+                        "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "InstitutionName",
+                        "ReferringPhysicianName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def _identifying_values(data: bytes) -> list[str]:
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        values = []
+        for keyword in IDENTIFYING_KEYWORDS:
+            value = ds.get(keyword)
+            if value is None:
+                continue
+            values.extend(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            if keyword == "PatientName":
+                values.extend(str(c) for c in value.components if c)
+    except Exception:  # unreadable header: the generic scrubber is all there is
+        return []
+    return sorted({v.strip() for v in values if len(v.strip()) >= 2}, key=len, reverse=True)
+
+
+def scrub(reason: str, data: bytes) -> str:
+    """``reason`` without identifying header values of ``data`` and without text copied out of it."""
+    text = str(reason)
+    for value in _identifying_values(data) if data else []:
+        text = text.replace(value, "[...]")
+    return scrub_reason(text, data)
+
+
 class DicomAuditLog:
     """Append-only event log of the DICOM node on any SQLAlchemy database (SQLite file by default)."""
 
@@ -66,7 +102,7 @@ class DicomAuditLog:
             raise TypeError(f"unknown audit columns {sorted(unknown)}")
         row = dict(columns, event=event, time_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                    probabilities_json=json.dumps(probabilities) if probabilities is not None else None,
-                   error=scrub_reason(error, data) if error else None)
+                   error=scrub(error, data) if error else None)
         with self._lock, self.engine.begin() as conn:
             conn.execute(events_table.insert().values(**row))
 
