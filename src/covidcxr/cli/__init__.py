@@ -293,6 +293,10 @@ def predict(
                                         help="plausibility gate: refuse near-constant and noise-like images"),
     max_archive_gb: float = typer.Option(4.0, min=0.0, help="most GiB unpacked from archives per job (members past "
                                                             "it are skipped)"),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; --out is a folder of "
+                                              "partitions, see docs/serving.md)"),
+    actors: int = typer.Option(2, min=1, help="--engine ray: scoring actors"),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: an existing cluster (auto, ray://host:10001)"),
 ):
     """Predict class probabilities for many images; inputs not predicted are listed in <out>.skipped.csv.
 
@@ -304,6 +308,16 @@ def predict(
     from covidcxr.data.plausibility import InputChecks
     from covidcxr.serving.batch import display_name, predict_run
 
+    if engine == "ray":
+        from covidcxr.cli.ray_predict import predict_with_ray
+
+        return predict_with_ray(run_dir, paths, out, actors=actors, address=ray_address, batch_size=batch_size,
+                                partition_size=256, backend=backend, resume=resume, overwrite=overwrite,
+                                allow_non_frontal=allow_non_frontal, max_archive_bytes=int(max_archive_gb * 2**30),
+                                checks=InputChecks(min_side=min_side, max_aspect=max_aspect, content=content_checks),
+                                strict=strict)
+    if engine != "local":
+        raise typer.BadParameter(f"--engine {engine!r}: choose local or ray")
     result = predict_run(run_dir, paths, out, backend=backend, heatmaps=heatmaps, batch_size=batch_size,
                          resume=resume, overwrite=overwrite, workers=workers, allow_non_frontal=allow_non_frontal,
                          max_archive_bytes=int(max_archive_gb * 2**30),
