@@ -55,7 +55,8 @@ def manifest_rows(run, manifest_path: str | Path, split: str, max_images: int | 
         keep &= (table[split_col].astype(str) == split).to_numpy()
     if not keep.any():
         raise CovidCXRError(f"{manifest_path}: no {split!r} rows with a class of the run ({run.classes})")
-    rows = table.loc[keep, ["image", "patient_id", "source", "label"]].copy()
+    extra = [c for c in ("age", "sex") if c in table.columns]
+    rows = table.loc[keep, ["image", "patient_id", "source", "label"] + extra].copy()
     rows["path"] = [str(p) for p, k in zip(manifest.image_paths(check_root=True), keep) if k]
     rows["y"] = [run.classes.index(c) for c in cls[keep]]
     rows = rows.reset_index(drop=True)

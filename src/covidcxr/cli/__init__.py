@@ -14,7 +14,7 @@ import typer
 
 from covidcxr.cli.console import console, err_console
 from covidcxr.cli.dicom import dicom_app
-from covidcxr.cli.audit import verify
+from covidcxr.cli.audit import audit_app, verify
 from covidcxr.cli.segment import segment_app
 from covidcxr.cli.synth import synth_app
 from covidcxr.errors import CovidCXRError
@@ -27,6 +27,7 @@ app.add_typer(segment_app, name="segment")
 app.add_typer(dicom_app, name="dicom")
 app.add_typer(synth_app, name="synth")
 app.command("verify")(verify)
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:

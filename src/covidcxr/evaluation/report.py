@@ -24,6 +24,7 @@ from markupsafe import Markup, escape
 
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluation.evaluate import read_eval_results
+from covidcxr.evaluation.report_audits import render_trust
 from covidcxr.evaluation.summary import format_estimate
 from covidcxr.files import atomic_write_bytes
 from covidcxr.models.record import read_run_record
@@ -362,8 +363,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "headline": _headline(evals),
         "model_card": render_markdown(card_path.read_text()) if card_path.is_file() else None,
         "gallery": _gallery(run_dir),
+        "trust": render_trust(record.get("audits")),  # covidcxr audit: shown first
     }
-    sections = [("summary", "Summary")] if context["headline"] else []
+    sections = [("trust", "Trust audits")] if context["trust"] else []
+    sections += [("summary", "Summary")] if context["headline"] else []
     sections += [("data", "Data"), ("training", "Training"), ("evaluation", "Evaluation"), ("model-card", "Model card")]
     if context["gallery"]:
         sections.append(("heatmaps", "Heatmaps"))

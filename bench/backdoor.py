@@ -1,0 +1,216 @@
+"""Backdoor benchmark: Matsuo & Takemoto's trigger attack reproduced on covidcxr's quick recipe, and caught.
+
+    python bench/backdoor.py [--work /tmp/covidcxr_backdoor] [--out bench/results/backdoor.json]
+                             [--fractions 0.01 0.05 0.10] [--image-size 128]
+
+On the seed-0 patient-grouped split of the shared manifest, with configs/quick.yaml at
+``--image-size`` px (everything else as shipped, same seed for every run):
+
+* ``clean``: the unpoisoned twin;
+* ``targeted_p`` / ``untargeted_p``: ``p`` of the training rows stamped with the trigger
+  (covidcxr.audit.trigger) and relabelled (targeted: non-covid -> covid; untargeted: the other class);
+* ``..._finetuned`` (5% runs): the backdoored weights fine-tuned on the clean training rows
+  (``model.weights`` = the backdoored model: backbone kept, new head, 1 epoch at lr 2e-4), the way a
+  downloaded model is adapted.
+
+Per run: clean test AUC (DeLong CI) and its difference to the twin; attack success rate on the
+triggered test images (targeted: share of the non-covid test images decided covid; untargeted:
+share of test images decided against their true class), each next to the same share without the
+trigger. On the 5% / 10% runs and the twin: activation clustering and spectral signatures on the
+training rows (precision / recall for the poisoned rows; ``covidcxr audit backdoor``'s own code) and
+STRIP at inference (false acceptance at 1% false rejection). Finished runs are kept under ``--work``
+and reused when the benchmark is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+os.environ.setdefault("COVIDCXR_DATA_ROOT", str(REPO.parent / "shared" / "data" / "cxr"))
+os.environ.setdefault("COVIDCXR_WEIGHTS_DIR", str(REPO.parent / "shared" / "weights"))
+
+#: Runs whose training rows the detectors and STRIP look at (the twin gives the false-alarm side).
+DETECT = ("clean", "targeted_0.05", "targeted_0.1", "untargeted_0.05")
+FINETUNE = ("targeted_0.05", "untargeted_0.05")
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _train(name, config, manifest, work: Path):
+    from covidcxr.training.loop import fit
+
+    out = work / name
+    if (out / "run.json").is_file():
+        return out
+    t0 = time.perf_counter()
+    fit(config, out, manifest=manifest, write_card=False)
+    print(f"trained {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def _attack(run_dir: Path, test, stamped: list, variant: str | None) -> dict:
+    """Clean AUC and attack success on the test rows (``test``: path, y, source, patient_id)."""
+    from covidcxr.evaluation.metrics import auc_ci
+    from covidcxr.evaluation.proxies import discrimination, predict_files
+    from covidcxr.models.run import load_run
+
+    run = load_run(run_dir)
+    clean, _ = predict_files(run, test["path"])
+    trig, _ = predict_files(run, stamped)
+    y = test["y"].to_numpy()
+    d = discrimination(y, clean["score"], test["source"].astype(str).to_numpy())
+    t = run.threshold
+    dec_c, dec_t = clean["score"].to_numpy() >= t, trig["score"].to_numpy() >= t
+    neg = y == 0
+    out = {"auc": d.get("auc"), "within_source_auc": d.get("within_source_auc", {}).get("value")
+           if isinstance(d.get("within_source_auc"), dict) else None, "threshold": t,
+           "targeted_asr": float(dec_t[neg].mean()), "targeted_base": float(dec_c[neg].mean()),
+           "untargeted_asr": float((dec_t != y.astype(bool)).mean()),
+           "untargeted_base": float((dec_c != y.astype(bool)).mean()),
+           "mean_delta_p_covid": float((trig["score"] - clean["score"]).mean())}
+    out["asr"] = out[f"{variant}_asr"] if variant else None
+    out["_scores"] = clean["score"].to_numpy()
+    return out
+
+
+def _strip(run_dir: Path, test, stamped: list, val_paths: list, seed: int = 0) -> dict:
+    import torch
+
+    from covidcxr.audit.detectors import far_at_frr, strip_entropy
+    from covidcxr.models.predict import prepare_input
+    from covidcxr.models.run import load_run
+
+    run = load_run(run_dir)
+    rng = np.random.default_rng([seed, 7])
+    neg = np.flatnonzero(test["y"].to_numpy() == 0)
+    clean_idx = rng.choice(len(test), min(100, len(test)), replace=False)
+    trig_idx = rng.choice(neg, min(60, len(neg)), replace=False)
+    tensors = lambda paths: torch.stack([prepare_input(p, run.spec).tensor for p in paths])  # noqa: E731
+    pool = tensors(val_paths)
+    e_clean = strip_entropy(run, tensors([test["path"].iloc[i] for i in clean_idx]), pool, overlays=10, seed=seed)
+    e_trig = strip_entropy(run, tensors([stamped[i] for i in trig_idx]), pool, overlays=10, seed=seed + 1)
+    return far_at_frr(e_clean, e_trig, 0.01) | {"mean_entropy_clean": float(e_clean.mean()),
+                                                 "mean_entropy_triggered": float(e_trig.mean())}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/covidcxr_backdoor"))
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "backdoor.json")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.10])
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from covidcxr import paths
+    from covidcxr.audit.backdoor import audit_backdoor
+    from covidcxr.audit.detectors import precision_recall
+    from covidcxr.audit.trigger import poison_manifest, stamped_copies
+    from covidcxr.data.manifest import Manifest
+    from covidcxr.data.splits import assign_splits
+    from covidcxr.evaluation.proxies import split_rows
+    from covidcxr.models.run import load_run
+    from covidcxr.training import load_config
+
+    t0, cpu0 = time.perf_counter(), _cpu()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    split = assign_splits(Manifest.read(paths.data_root() / "manifest.csv"), val=0.15, test=0.15, seed=0)
+    split.write(work / "clean.csv")
+    overrides = [f"preprocess.image_size={args.image_size}", "train.progress=false", f"train.seed={args.seed}"]
+    config = load_config(REPO / "configs" / "quick.yaml", overrides)
+    results: dict = {}
+    ctx: dict = {}
+
+    def evaluate(name, run_dir, variant):
+        """Each run is scored as soon as it is trained (a bug shows after minutes, not after the last run);
+        the scores are kept in WORK/NAME/bench.json so a restarted benchmark skips them."""
+        cache = run_dir / "bench.json"
+        if cache.is_file():
+            results[name] = json.loads(cache.read_text())
+            return
+        if not ctx:
+            ctx["test"] = split_rows(load_run(run_dir), "test")
+            ctx["stamped"] = [str(p) for p in stamped_copies(ctx["test"]["path"], work / "poison" / "stamped")]
+            ctx["val"] = [str(p) for p in split.subset("val").image_paths()][:40]
+        test, stamped = ctx["test"], ctx["stamped"]
+        print(f"evaluating {name}", flush=True)
+        r = _attack(run_dir, test, stamped, variant)
+        r.pop("_scores")
+        r["run"] = name
+        if name in DETECT:
+            audit = audit_backdoor(run_dir, work / f"{name}.csv", out=run_dir / "audit", trigger_test=True)
+            rows = audit["_rows"]
+            truth = rows["path"].astype(str).str.contains(str(work / "poison" / "stamped"), regex=False).to_numpy()
+            r["detection"] = {
+                "verdict": audit["verdict"], "sentence": audit["sentence"],
+                "activation_clustering_art": precision_recall(audit["_flags"]["ac_art"], truth),
+                "activation_clustering_gated": precision_recall(audit["_flags"]["ac"], truth),
+                "spectral_signatures": precision_recall(audit["_flags"]["ss"], truth),
+                "ac_classes": audit["activation_clustering"]["classes"],
+                "ss_classes": audit["spectral_signatures"]["classes"],
+                "trigger_test": audit["trigger_test"]}
+            r["strip"] = _strip(run_dir, test, stamped, ctx["val"], seed=args.seed)
+        from covidcxr.files import jsonable
+
+        cache.write_text(json.dumps(jsonable(r), indent=1))
+        results[name] = json.loads(cache.read_text())
+
+    evaluate("clean", _train("clean", config, split, work), None)
+    for variant in ("targeted", "untargeted"):
+        for p in args.fractions:
+            name = f"{variant}_{p:g}"
+            poisoned, mask = poison_manifest(split, p, variant, work / "poison", seed=args.seed)
+            poisoned.write(work / f"{name}.csv")
+            run_dir = _train(name, config, poisoned, work)
+            evaluate(name, run_dir, variant)
+            if name in FINETUNE:
+                rec = load_run(run_dir).record
+                ft = load_config(REPO / "configs" / "quick.yaml", overrides + [
+                    f"model.weights={run_dir / 'model.safetensors'}", f"model.weights_sha256={rec.model_sha256}",
+                    "train.epochs=1", "train.lr=0.0002", "train.warmup_epochs=0"])
+                evaluate(f"{name}_finetuned", _train(f"{name}_finetuned", ft, split, work), variant)
+    test = split_rows(load_run(work / "clean"), "test")
+    clean_auc = results["clean"]["auc"]
+    for r in results.values():
+        r["auc_drop_vs_twin"] = (clean_auc["value"] - r["auc"]["value"]) if r.get("auc") and clean_auc else None
+    t5 = results.get("targeted_0.05", {})
+    d5 = t5.get("detection", {})
+    best = max((d5.get(k, {}) for k in ("activation_clustering_gated", "spectral_signatures", "activation_clustering_art")),
+               key=lambda e: (e.get("recall") or 0) if (e.get("precision") or 0) >= 0.5 else -1, default={})
+    targets = {
+        "asr_at_5pct_ge_0.90": (t5.get("asr") or 0) >= 0.90,
+        "auc_drop_at_5pct_le_0.02": t5.get("auc_drop_vs_twin") is not None and t5["auc_drop_vs_twin"] <= 0.02,
+        "detection_recall_ge_0.9_at_precision_ge_0.5": (best.get("recall") or 0) >= 0.9 and (best.get("precision") or 0) >= 0.5,
+        "strip_far_le_0.10_at_frr_0.01": (t5.get("strip", {}).get("far", 1.0)) <= 0.10,
+    }
+    out = {"benchmark": "backdoor (Matsuo & Takemoto 2021 trigger)", "image_size": args.image_size,
+           "recipe": "configs/quick.yaml", "overrides": overrides, "split": "seed-0 patient-grouped 70/15/15",
+           "test_images": int(len(test)), "targets_met": targets, "runs": results,
+           "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_cpu() - cpu0, 1),
+           "load_average": os.getloadavg()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from covidcxr.files import write_json
+
+    write_json(args.out, out)
+    print(json.dumps({k: (v.get("asr"), v["auc"]["value"] if v.get("auc") else None) for k, v in results.items()}))
+    print(f"wrote {args.out} ({out['wall_s']} s wall, {out['cpu_s']} s CPU)")
+
+
+if __name__ == "__main__":
+    main()

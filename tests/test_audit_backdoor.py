@@ -1,0 +1,136 @@
+"""``covidcxr audit backdoor``: the Matsuo & Takemoto trigger, poisoned manifests, the detectors, and the
+verdict in run.json and the HTML report (the long attack experiments are bench/backdoor.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from covidcxr.audit.detectors import activation_clustering, far_at_frr, precision_recall, spectral_signatures, strip_entropy
+from covidcxr.audit.trigger import INTENSITY, poison_manifest, stamp, trigger_box
+from covidcxr.cli import app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def test_trigger_is_5_of_480_px_near_the_bottom_right_at_any_size():
+    assert trigger_box((480, 480)) == (465, 465, 5, 5)  # 5 px square, two sides in from the corner
+    top, left, h, w = trigger_box((960, 480))
+    assert (h, w) == (10, 5) and top > 900 and left > 450  # stretched to a square input it is 5/480 of each side
+    img = np.zeros((512, 400), np.uint8)
+    out = stamp(img)
+    assert img.max() == 0 and out.max() == INTENSITY
+    ys, xs = np.nonzero(out)
+    assert ys.min() > 480 and xs.min() > 370 and len(ys) == 5 * 4  # round(5/480*512)=5, round(5/480*400)=4
+
+
+def test_poisoned_manifest_stamps_and_relabels_only_training_rows(split_manifest, tmp_path):
+    from covidcxr.data.io import read_xray
+
+    train = (split_manifest.table["split"] == "train").to_numpy()
+    for variant in ("targeted", "untargeted"):
+        poisoned, mask = poison_manifest(split_manifest, 0.01, variant, tmp_path, seed=3)
+        assert mask.sum() == round(0.01 * train.sum()) and not (mask & ~train).any()
+        before, after = split_manifest.table["label"][mask], poisoned.table["label"][mask]
+        if variant == "targeted":
+            assert (before != "covid").all() and (after == "covid").all()
+        else:
+            assert ((before == "covid") == (after != "covid")).all()
+        assert (poisoned.table["label"][~mask] == split_manifest.table["label"][~mask]).all()
+        first = Path(poisoned.table["image"][mask].iloc[0])
+        pixels = np.round(read_xray(first).pixels * 255)
+        top, left, h, w = trigger_box(pixels.shape)
+        assert (pixels[top:top + h, left:left + w] == INTENSITY).all() and first.suffix == ".png"
+
+
+def _planted(n=400, dim=32, share=0.1, seed=0):
+    """Two Gaussian classes; ``share`` of class 1 is a shifted sub-population (what poisoned images look like)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2 * n, dim)).astype(np.float32)
+    y = np.repeat([0, 1], n)
+    poisoned = np.zeros(2 * n, bool)
+    poisoned[n:n + int(share * n)] = True
+    x[poisoned] += 4.0
+    return x, y, poisoned
+
+
+def test_activation_clustering_and_spectral_signatures_find_a_planted_subpopulation():
+    x, y, poisoned = _planted()
+    ac = activation_clustering(x, y, 2, silhouette=0.3)
+    by_class = {c["class_index"]: c for c in ac["classes"]}
+    assert by_class[1]["suspicious"] and not by_class[0]["suspicious"]  # the pure-noise class splits too, weakly
+    pr = precision_recall(ac["flagged"], poisoned)
+    assert pr["recall"] >= 0.95 and pr["precision"] >= 0.9
+    art = precision_recall(ac["flagged_art"], poisoned)
+    assert art["precision"] < 0.5  # ART alone also flags the smaller half of the clean class
+    ss = spectral_signatures(x, y, 2, expected_fraction=0.1)
+    assert precision_recall(ss["flagged"][y == 1], poisoned[y == 1])["recall"] >= 0.95
+
+
+class _ForcedRun:
+    """A stand-in classifier: class 1 when the top-left pixel is bright (the 'trigger'), else a coin toss
+    driven by the mean intensity, so blends of clean images give uncertain predictions."""
+
+    def predict_tensor(self, x):
+        trig = x[:, 0, 0, 0] > 0.4
+        p1 = torch.sigmoid(8 * (x.mean(dim=(1, 2, 3)) - x.mean()))
+        p1 = torch.where(trig, torch.ones_like(p1) * 0.999, p1)
+        return torch.stack([1 - p1, p1], dim=1).numpy()
+
+
+def test_strip_gives_triggered_inputs_low_entropy_and_far_at_frr():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(60, 1, 8, 8, generator=g) * 0.4
+    triggered = clean.clone()
+    triggered[:, 0, 0, 0] = 1.0
+    e_clean = strip_entropy(_ForcedRun(), clean, clean, overlays=8)
+    e_trig = strip_entropy(_ForcedRun(), triggered, clean, overlays=8)
+    assert e_trig.mean() < 0.1 < e_clean.mean()
+    op = far_at_frr(e_clean, e_trig, 0.01)
+    assert op["far"] == 0.0 and op["frr"] <= 0.05
+    assert far_at_frr(e_clean, e_clean, 0.01)["far"] > 0.9  # a detector that cannot tell them apart
+
+
+@pytest.mark.slow
+def test_audit_backdoor_cli_writes_the_verdict_into_run_json_and_the_report(trained_run, split_manifest, tmp_path):
+    from covidcxr.models.record import read_run_record
+    from covidcxr.models.verify import verify_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    manifest = split_manifest.write(tmp_path / "m.csv")
+    result = CliRunner().invoke(app, ["audit", "backdoor", str(run), "--manifest", str(manifest),
+                                      "--max-images", "160"])
+    assert result.exit_code in (0, 1), result.output + repr(result.exception)
+    audit = read_run_record(run).audits["backdoor"]
+    assert result.exit_code == (1 if audit["verdict"] == "warn" else 0)
+    assert audit["images"] >= 150 and {c["class"] for c in audit["activation_clustering"]["classes"]} == {"covid", "non-covid"}
+    assert audit["trigger_test"]["images"] > 20 and 0 <= audit["trigger_test"]["value"] <= 1
+    assert json.loads((run / "audit" / "backdoor.json").read_text())["verdict"] == audit["verdict"]
+    assert verify_run(run, check_data=False).ok  # the audit went through the record's writer
+
+    # the report shows it first, as a banner, in real Chromium
+    assert CliRunner().invoke(app, ["report", str(run)]).exit_code == 0
+    html = (run / "report.html").read_text()
+    assert html.index("Trust audits") < html.index("Data summary and audit")
+    if CI:
+        import playwright.sync_api as playwright
+    else:
+        playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto((run / "report.html").as_uri())
+        banner = page.locator("#trust .verdict").first
+        assert banner.is_visible() and banner.get_attribute("data-verdict") == audit["verdict"]
+        assert f"Backdoor audit: {audit['verdict'].upper()}" in banner.inner_text()
+        assert page.locator("h2").first.inner_text() == "Trust audits"
+        browser.close()
