@@ -151,9 +151,19 @@ def test_spool_survives_restart_and_never_queues_an_instance_twice(tmp_path):
     spool.close()
 
 
-def test_settings_are_validated():
+def test_settings_are_validated(tmp_path):
     from covidcxr.errors import ConfigError
     from covidcxr.serving.dicom.settings import load_node_settings, parse_destination
+
+    config = tmp_path / "node.yaml"
+    config.write_text("ae_title: AI_NODE\nallowed_callers: [ORTHANC, CR_ROOM_2]\n"
+                      "destination: {ae_title: PACS, host: pacs.example.org, port: 4242}\n")
+    s = load_node_settings(config, port=104, allowed_callers=None)  # options win; None = not given
+    assert (s.ae_title, s.port, s.allowed_callers, s.destination.port) == ("AI_NODE", 104, ["ORTHANC", "CR_ROOM_2"], 4242)
+    assert s.audit_url("/r").endswith("/r/dicom-spool/dicom-audit.sqlite")
+    config.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="node.yaml"):
+        load_node_settings(config)
 
     s = load_node_settings(None, ae_title="COVIDCXR", allowed_callers=["ORTHANC"], port=11112)
     assert s.allowed_callers == ["ORTHANC"] and s.destination is None

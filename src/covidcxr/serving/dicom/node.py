@@ -185,7 +185,8 @@ class DicomNode:
             self.audit.record("received" if prior is None else "duplicate", sop_uid_sha256=sha, calling_ae=caller,
                               channel="c-store", dimse_status=SUCCESS, input_sha256=prepared.input_sha256,
                               total_ms=(time.perf_counter() - start) * 1000)
-            log.info("instance %s from %s: accepted, queued (%.0f ms)", sha[:12], caller,
+            log.info("instance %s from %s: %s (%.0f ms)", sha[:12], caller,
+                     "accepted, queued" if prior is None else f"already received ({prior}), not queued again",
                      (time.perf_counter() - start) * 1000)
             return _status(SUCCESS)
         except Refused as exc:
