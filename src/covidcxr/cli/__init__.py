@@ -347,11 +347,27 @@ def export(
     format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default RUN_DIR/model.onnx, recorded in run.json)"),
     opset: int = typer.Option(18, help="ONNX opset"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: static quantisation calibrated on the run's "
+                                           "validation images; the AUC difference is measured and recorded"),
+    calibration_images: int = typer.Option(64, min=1, help="--quantize int8: validation images to calibrate on"),
 ):
     """Export the model with a dynamic batch size and probability outputs; checked against PyTorch."""
     from covidcxr.serving.onnx import export_model
 
-    path = export_model(run_dir, format=format, out=out, opset=opset)
+    if quantize is not None:
+        if quantize != "int8" or format != "onnx" or out is not None:
+            raise typer.BadParameter("--quantize int8 works with --format onnx into the run directory (no --out)")
+        from covidcxr.serving.onnx_quantize import quantize_run
+
+        path = quantize_run(run_dir, opset=opset, calibration_images=calibration_images)
+        from covidcxr.models.record import read_run_record
+
+        q = read_run_record(run_dir).info["onnx_quantization"]
+        console.print(f"int8 model calibrated on {q['calibration']['images']} validation images; validation AUC "
+                      f"fp32 {q['val_auc_fp32']:.4f} -> int8 {q['val_auc_int8']:.4f} (recorded in run.json)",
+                      highlight=False)
+    else:
+        path = export_model(run_dir, format=format, out=out, opset=opset)
     console.print(f"exported {path}", highlight=False)
 
 
