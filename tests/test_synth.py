@@ -284,7 +284,10 @@ def test_counterfactual_shift_measures_the_translated_test_images(counterfactual
     cls, gan = counterfactual_runs
     split = pd.read_csv(cls / "split.csv")
     nih_test = split[(split["split"] == "test") & (split["source"] == NIH) & (split["label"] == "normal")]
-    result = counterfactual_shift(cls, gan, n_boot=200)
+    out = cls.parent / "counterfactual.json"
+    cli = CliRunner().invoke(app, ["synth", "counterfactual", str(cls), str(gan), "--json", str(out)], catch_exceptions=False)
+    assert cli.exit_code == 0 and "counterfactual nih -> rsna" in cli.output, cli.output
+    result = json.loads(out.read_text())
     assert result["translation"] == "nih -> rsna" and result["n_translated"] == len(nih_test) == 4
     t = result["translated"]
     assert t["mean_abs_delta"] > 0 and 0 <= t["flip_share"] <= 1 and t["flips"] == round(t["flip_share"] * 4)

@@ -46,3 +46,21 @@ def synth_generate(
     console.print(f"{s['images']} synthetic image(s) ({s['label'] or 'source labels'}), {s['skipped']} skipped, "
                   f"generator {s['generator_sha256'][:12]}; manifest written to {out / 'manifest.csv'}",
                   highlight=False, soft_wrap=True)
+
+
+@synth_app.command("counterfactual")
+def synth_counterfactual(
+    classifier_run: Path = typer.Argument(..., help="Classifier run directory (binary, with a threshold)."),
+    generator_run: Path = typer.Argument(..., help="Source -> source CycleGAN run (e.g. configs/synth_nih_rsna_normals.yaml)."),
+    direction: str = typer.Option("a2b", "--direction"),
+    split: str = typer.Option("test", "--split", help="Rows of the classifier's split.csv to translate."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
+) -> None:
+    """Counterfactual shortcut test: change only the source look of held-out images, report how P(covid) moves."""
+    from covidcxr.evaluation.counterfactual import counterfactual_shift, scorecard_line
+    from covidcxr.files import write_json
+
+    result = counterfactual_shift(classifier_run, generator_run, direction=direction, split=split)
+    if json_out is not None:
+        write_json(json_out, result)
+    console.print(scorecard_line(result), highlight=False, soft_wrap=True, markup=False)
