@@ -300,3 +300,39 @@ def test_counterfactual_shift_measures_the_translated_test_images(counterfactual
         # (batches of another size round differently in the last float32 bits)
         assert same[name]["mean_abs_delta"] < 1e-5 and same[name]["flips"] == 0
         assert same[name]["auc"]["value"] == pytest.approx(same["auc_original"]["value"], abs=1e-9)
+
+
+# ---------------------------------------------------------------- building blocks
+
+def test_image_pool_keeps_the_last_fakes_and_round_trips_through_a_checkpoint():
+    from covidcxr.training.synth.objectives import ImagePool, linear_decay
+
+    pool, rng = ImagePool(3), np.random.default_rng(0)
+    first = torch.arange(3.0).view(3, 1, 1, 1)
+    assert torch.equal(pool.query(first, rng), first)  # filling: the new images come straight back
+    seen = {0.0, 1.0, 2.0}
+    for k in range(3, 40):
+        out = float(pool.query(torch.full((1, 1, 1, 1), float(k)), rng))
+        assert out == k or out in seen  # either the new image or one stored earlier
+        seen.add(float(k))
+    clone = ImagePool(0)
+    clone.load_state_dict(pool.state_dict())
+    assert clone.size == 3 and all(torch.equal(a, b) for a, b in zip(clone.images, pool.images))
+    assert [linear_decay(s, 10, 4) for s in (0, 5, 6, 9)] == [1.0, 1.0, pytest.approx(0.8), pytest.approx(0.2)]
+
+
+def test_frechet_distance_and_kid_on_known_samples(data_root):
+    from covidcxr.evaluation.realism import frechet_distance, kernel_inception_distance, nearest_hash_distances
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4000, 4)), rng.normal(size=(4000, 4))
+    assert frechet_distance(x, y) < 0.02
+    # mean shifted by 2 in every dimension, variance 4x (std 2): |2|^2 x 4 + 4 x (1 + 4 - 2 x 2) = 20
+    assert frechet_distance(x, 2 * y + 2) == pytest.approx(20.0, rel=0.03)
+    same, _ = kernel_inception_distance(x, y, subsets=10, subset_size=200)
+    shifted, _ = kernel_inception_distance(x, y + 1, subsets=10, subset_size=200)
+    assert abs(same) < 0.01 and shifted > 0.5
+    images = sorted((data_root / "images" / "nih" / "normal").glob("*.jpg"))[:4]
+    d = nearest_hash_distances(images[:2], images)
+    assert d.tolist() == [0.0, 0.0]  # each image is in the pool: a copy is found at distance 0
+    assert (nearest_hash_distances(images[:2], images[2:]) > 24).all()

@@ -205,6 +205,7 @@ def _train(cfg: SynthConfig, out: Path, resume: bool, device_name: str) -> Synth
                 history.append({"step": step, "lr": lr, **{k: v / n for k, v in window.items()},
                                 "images_per_s": n * per_step / seconds if seconds > 0 else float("nan")})
                 window = {}
+                _write_losses(out, history, names, plot=False)  # watchable while it runs; the plot at checkpoints
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 contact_sheet(sheet_rows(nets, samples, names), out / "samples" / f"step_{step:06d}.png")
             over_time = cfg.max_seconds is not None and elapsed + time.perf_counter() - t_run >= cfg.max_seconds
@@ -219,10 +220,10 @@ def _train(cfg: SynthConfig, out: Path, resume: bool, device_name: str) -> Synth
                    time.perf_counter() - started, device)
 
 
-def _write_losses(out: Path, history: list[dict], names: tuple[str, str]) -> None:
+def _write_losses(out: Path, history: list[dict], names: tuple[str, str], plot: bool = True) -> None:
     frame = pd.DataFrame(history, columns=["step", "lr", *LOSSES, "images_per_s"])
-    write_csv(out / "losses.csv", frame, float_format="%.6g")
-    if len(frame):
+    write_csv(out / "losses.csv", frame, float_format="%.6g", fsync=False)
+    if plot and len(frame):
         plot_losses(frame, out / "losses.png", names)
 
 
