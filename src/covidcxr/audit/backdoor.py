@@ -111,7 +111,11 @@ def audit_backdoor(run_dir: str | Path, manifest: str | Path, *, out: str | Path
         c["suspicious"] = bool(c["suspicious"] and c["smaller_share"] <= thresholds.max_share)
     for c in ss["classes"]:
         c["class"] = run.classes[c["class_index"]]
-    trig = trigger_flip_test(run, out, seed=seed) if trigger_test else {"value": None, "note": "not run"}
+    from covidcxr import paths as cpaths
+
+    # the stamped copies depend only on the images: one folder for every run audited, outside the run directory
+    trig = trigger_flip_test(run, cpaths.cache_dir() / "audit", seed=seed) if trigger_test else \
+        {"value": None, "note": "not run"}
     reasons = [f"activation clustering: class {c['class']} splits into two clusters (silhouette "
                f"{c['silhouette']:.2f} >= {thresholds.silhouette}), the smaller {c['smaller_share']:.0%} of it"
                for c in ac["classes"] if c["suspicious"]]

@@ -99,7 +99,10 @@ def heatmap_checks(run_dir, rows, work: Path, annotations_folder, max_images: in
         return {"mass_share_over_uniform": {"value": None, "note": "no annotated positive images"},
                 "pointing_game": {"value": None}}
     pos = pos.sample(min(max_images, len(pos)), random_state=seed)
-    summary = explain_images(run_dir, pos["path"].tolist(), out=work / "explain", annotations=ann)
+    from covidcxr.models.record import read_run_record
+
+    out = work / "explain" / read_run_record(run_dir).model_sha256[:16]  # overlays of this model only
+    summary = explain_images(run_dir, pos["path"].tolist(), out=out, annotations=ann)
     focus = [e["lung_focus"] for e in summary["images"] if e.get("lung_focus") and not e["lung_focus"]["empty"]]
     if not focus:
         return {"mass_share_over_uniform": {"value": None, "note": "every heatmap was empty"}, "pointing_game": {"value": None}}
