@@ -66,6 +66,14 @@ JPEG_WORKING = ["augment.jpeg_p=0.5", "augment.jpeg_quality=[30,95]", "augment.r
 #: sampling with the one-class sources at half weight.
 GROUPED = ["train.sampler=source_balanced", "train.single_class_source_weight=0.5", "train.loss_weighting=class_weighted"]
 
+#: Label decomposition needs the 3 classes and source-balanced draws; one-class sources give it no gradient.
+DECOMP = ["data.label_space=3class", "train.objective=label_decomposition", "train.sampler=source_balanced",
+          "train.single_class_source_weight=0", "train.loss_weighting=none", "train.selection_metric=within_source_auc"]
+#: Lung-ROI inputs (the shipped lung segmenter): crop to the lungs + 10%, black outside the dilated lungs.
+ROI = ["preprocess.roi=lungs", "preprocess.roi_mask_outside=true", "preprocess.roi_margin=0.1",
+       "preprocess.roi_dilate=0.03"]
+WSAUC = PLAIN + GROUPED + ["train.objective=within_source_auc", "train.auc_ce_weight=0.5"]
+
 RECIPES: dict[str, dict] = {
     "quick_v1": {"overrides": QUICK_V1, "what": "configs/quick.yaml as shipped before: CLAHE, strong intensity aug, "
                  "source-balanced + class-weighted, within-source-AUC selection, 3 x 320"},
@@ -78,16 +86,22 @@ RECIPES: dict[str, dict] = {
     "plain_jpegw": {"overrides": PLAIN + JPEG_WORKING, "what": "plain + JPEG (q30-95) p=0.5 + downscale-upscale "
                     "(0.4-1) p=0.3 on the working-size image (storage_stage=working)"},
     "lpft_jpegw": {"overrides": LPFT + JPEG_WORKING, "what": "lpft + the working-stage JPEG / resolution augmentation"},
-    "wsauc": {"overrides": PLAIN + GROUPED + ["train.objective=within_source_auc", "train.auc_ce_weight=0.5"],
+    "wsauc": {"overrides": WSAUC,
               "what": "plain + within-source pairwise AUC loss + 0.5 CE, source-balanced (one-class sources x0.5)"},
     "group_dro": {"overrides": PLAIN + GROUPED + ["train.objective=group_dro", "train.dro_eta=0.05"],
                   "what": "plain + group DRO over (source, class), eta 0.05, source-balanced (one-class sources x0.5)"},
     "dann": {"overrides": PLAIN + ["train.source_adversarial_weight=0.3", "train.source_adversarial_schedule=dann"], "what": "plain + DANN adversary 0.3"},
     "quick_yaml": {"config": "configs/quick.yaml", "overrides": [], "what": "configs/quick.yaml as it is now"},
+    "decomp": {"overrides": PLAIN + DECOMP, "what": "plain + label decomposition (3class): P(abnormal) on pneumonia "
+               "vs normal inside sources x P(covid | abnormal) on COVID vs pneumonia inside sources; "
+               "source-balanced, one-class sources not drawn, within-source-AUC selection"},
+    "wsauc_roi": {"overrides": WSAUC + ROI, "what": "wsauc on lung-ROI inputs: crop to the shipped segmenter's "
+                  "lung box + 10%, black outside the lungs dilated by 3%"},
+    "decomp_roi": {"overrides": PLAIN + DECOMP + ROI, "what": "decomp on the same lung-ROI inputs"},
 }
 DEFAULT_RECIPES = ["quick_v1", "shuffled", "plain", "plain_jpeg", "plain_jpegw", "lpft", "lpft_jpeg", "lpft_jpegw",
                    "wsauc", "group_dro"]
-BASELINE = "quick_v1"
+BASELINE = "quick_v1"  # --baseline changes it
 
 
 def _env() -> dict:
@@ -180,9 +194,10 @@ def paired_within_source(y, a, b, sources) -> dict:
             "se": se, "p_value": pval, "sources": used, "method": "per-source paired DeLong, pooled by pair weights"}
 
 
-def comparisons(work: Path, recipes: list[str], seeds: list[int], done: set) -> list[dict]:
+def comparisons(work: Path, recipes: list[str], seeds: list[int], done: set, baseline: str = BASELINE) -> list[dict]:
     from covidcxr.evaluation.metrics import delong_test
 
+    BASELINE = baseline  # noqa: N806 - the comparison's reference recipe
     out = []
     for recipe in recipes:
         if recipe == BASELINE:
@@ -290,7 +305,7 @@ def print_table(table: dict, comps: list[dict]) -> None:
             c = row[n]
             cells.append(("-" if c["mean"] is None else f"{c['mean']:.3f} ({c['min']:.2f}-{c['max']:.2f})").rjust(18))
         print(recipe.ljust(12) + "".join(cells) + f"  {row['wall_s_mean']:6.0f}  {row['peak_rss_mb_max']:6.0f}")
-    print("\npaired DeLong vs", BASELINE, "(same test images, same seed): within-source AUC difference [95% CI] p")
+    print("\npaired DeLong vs", comps[0]["versus"] if comps else BASELINE, "(same test images, same seed): within-source AUC difference [95% CI] p")
     for c in comps:
         w = c["within_source_auc"]
         if w.get("difference") is None:
@@ -313,8 +328,8 @@ def merge(files: list[str], out: str) -> None:
     write_json(out, {
         "what": __doc__.split("\n\n")[0] + " (merged)", "merged_from": [str(f) for f in files],
         "split_seed": parts[0]["split_seed"], "seeds": sorted({r["seed"] for r in runs}),
-        "recipes": {r: RECIPES[r] for r in recipes}, "table": table, "comparisons_vs_baseline": comps,
-        "imagenet_features_source_probe": parts[0]["imagenet_features_source_probe"],
+        "recipes": {r: RECIPES[r] for r in recipes}, "baseline": args.baseline, "table": table,
+        "comparisons_vs_baseline": comps, "imagenet_features_source_probe": parts[0]["imagenet_features_source_probe"],
         "runs": runs, "failures": [f for p in parts for f in p["failures"]], "note": parts[0]["note"],
     })
     print_table(table, comps)
@@ -329,6 +344,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/covidcxr_recipes")
     ap.add_argument("--out", default=str(HERE / "results" / "recipes.json"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", default=BASELINE, help="recipe every other one is compared with (paired DeLong)")
     ap.add_argument("--one", nargs=2, metavar=("RECIPE", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--aggregate-only", action="store_true")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides appended to every recipe (smoke tests)")
@@ -377,14 +393,14 @@ def main() -> None:
                 results.append(json.loads(p.read_text()))
                 done.add((recipe, seed))
     table = summarise(results)
-    comps = comparisons(work, recipes, args.seeds, done)
+    comps = comparisons(work, recipes, args.seeds, done, args.baseline)
     reference = imagenet_reference(work, manifest)
     from covidcxr.files import write_json
 
     write_json(args.out, {
         "what": __doc__.split("\n\n")[0], "split_seed": args.split_seed, "seeds": args.seeds,
-        "recipes": {r: RECIPES[r] for r in recipes}, "table": table, "comparisons_vs_baseline": comps,
-        "imagenet_features_source_probe": reference, "runs": results, "failures": failures,
+        "recipes": {r: RECIPES[r] for r in recipes}, "baseline": args.baseline, "table": table,
+        "comparisons_vs_baseline": comps, "imagenet_features_source_probe": reference, "runs": results, "failures": failures,
         "bench_wall_s": round(time.perf_counter() - t0, 1), "cpu_count": os.cpu_count(),
         "note": "CIs: DeLong for AUCs (within-source: pooled over sources with >= 2 images of each class), "
                 "patient bootstrap for mean probability changes and the source probe; the test split is the "

@@ -15,6 +15,7 @@ import typer
 from covidcxr.cli.console import console, err_console
 from covidcxr.cli.dicom import dicom_app
 from covidcxr.cli.audit import audit_app, verify
+from covidcxr.cli.crossval import crossval
 from covidcxr.cli.segment import segment_app
 from covidcxr.cli.synth import synth_app
 from covidcxr.errors import CovidCXRError
@@ -27,6 +28,7 @@ app.add_typer(segment_app, name="segment")
 app.add_typer(dicom_app, name="dicom")
 app.add_typer(synth_app, name="synth")
 app.command("verify")(verify)
+app.command("crossval")(crossval)
 app.add_typer(audit_app, name="audit")
 
 
@@ -347,27 +349,11 @@ def export(
     format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default RUN_DIR/model.onnx, recorded in run.json)"),
     opset: int = typer.Option(18, help="ONNX opset"),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: static quantisation calibrated on the run's "
-                                           "validation images; the AUC difference is measured and recorded"),
-    calibration_images: int = typer.Option(64, min=1, help="--quantize int8: validation images to calibrate on"),
 ):
     """Export the model with a dynamic batch size and probability outputs; checked against PyTorch."""
     from covidcxr.serving.onnx import export_model
 
-    if quantize is not None:
-        if quantize != "int8" or format != "onnx" or out is not None:
-            raise typer.BadParameter("--quantize int8 works with --format onnx into the run directory (no --out)")
-        from covidcxr.serving.onnx_quantize import quantize_run
-
-        path = quantize_run(run_dir, opset=opset, calibration_images=calibration_images)
-        from covidcxr.models.record import read_run_record
-
-        q = read_run_record(run_dir).info["onnx_quantization"]
-        console.print(f"int8 model calibrated on {q['calibration']['images']} validation images; validation AUC "
-                      f"fp32 {q['val_auc_fp32']:.4f} -> int8 {q['val_auc_int8']:.4f} (recorded in run.json)",
-                      highlight=False)
-    else:
-        path = export_model(run_dir, format=format, out=out, opset=opset)
+    path = export_model(run_dir, format=format, out=out, opset=opset)
     console.print(f"exported {path}", highlight=False)
 
 

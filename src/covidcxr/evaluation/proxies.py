@@ -42,6 +42,7 @@ import pandas as pd
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluation.metrics import (auc_ci, auc_score, bootstrap_ci, cluster_indices, wilson_ci,
                                          within_source_auc_details)
+from covidcxr.evaluation.source_probe import source_probe
 from covidcxr.files import jsonable, write_json
 
 #: JPEG qualities of the compression proxy (q90 is how the shared images are stored).
@@ -94,8 +95,12 @@ class _HeadInputs:
 
 
 def predict_files(run, paths: Sequence[str | Path], *, features: bool = False, batch_size: int = 32,
-                  progress: bool = False) -> tuple[pd.DataFrame, np.ndarray | None]:
-    """P(positive) of every file (``path``, ``score``; bad files raise) and optionally head features."""
+                  progress: bool = False, refused_ok: bool = False) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """P(positive) of every file (``path``, ``score``; bad files raise) and optionally head features.
+
+    ``refused_ok``: a file the run refuses (a lung-ROI model that finds no lungs in a masked copy)
+    gets score NaN instead of stopping the proxy; the callers count them.
+    """
     from covidcxr.models.predict import predict_paths
 
     if run.positive_class is None:
@@ -115,6 +120,13 @@ def predict_files(run, paths: Sequence[str | Path], *, features: bool = False, b
     finally:
         if hook is not None:
             hook.close()
+    if preds.skipped and refused_ok:
+        refused = pd.DataFrame({"path": [str(p) for p, _ in preds.skipped], "score": np.nan})
+        table = pd.DataFrame({"path": preds.table["path"].astype(str),
+                              "score": preds.table[f"prob_{run.positive_class}"].astype(float)})
+        order = {str(p): i for i, p in enumerate(paths)}
+        table = pd.concat([table, refused]).sort_values("path", key=lambda c: c.map(order)).reset_index(drop=True)
+        return table, None
     if preds.skipped:
         raise CovidCXRError(f"{len(preds.skipped)} image(s) could not be read, e.g. {preds.skipped[0][0]}: "
                             f"{preds.skipped[0][1]}")
@@ -254,21 +266,29 @@ def lungs_removed(run, rows: pd.DataFrame, folder: str | Path, annotations_folde
     copies = masked_copies(rows["path"].tolist(), folder, template, annotations)
     scores = rows[["image", "patient_id", "source", "label", "y"]].copy()
     scores["p_original"] = base_scores if base_scores is not None else predict_files(run, rows["path"])[0]["score"].to_numpy()
+    # A lung-ROI model may refuse a masked copy (no lungs found): NaN, counted, left out of its AUC.
     for name in ("no_lungs", "lungs_only"):
-        scores[f"p_{name}"] = predict_files(run, copies[name])[0]["score"].to_numpy()
+        scores[f"p_{name}"] = predict_files(run, copies[name], refused_ok=True)[0]["score"].to_numpy()
     own = [p for p in copies["own_lungs_removed"]]
     has_own = np.asarray([p is not None for p in own])
     scores["p_own_lungs_removed"] = np.nan
     if has_own.any():
-        scores.loc[has_own, "p_own_lungs_removed"] = predict_files(run, [p for p in own if p is not None])[0]["score"].to_numpy()
-    y, src = scores["y"].to_numpy(), scores["source"].astype(str).to_numpy()
+        scores.loc[has_own, "p_own_lungs_removed"] = predict_files(
+            run, [p for p in own if p is not None], refused_ok=True)[0]["score"].to_numpy()
+    y_all, src_all = scores["y"].to_numpy(), scores["source"].astype(str).to_numpy()
     out: dict = {"template": {"level": TEMPLATE_LEVEL, "size": TEMPLATE_SIZE, "area_share": float(template.mean())}}
     for name in ("original", "no_lungs", "lungs_only"):
-        s = scores[f"p_{name}"].to_numpy()
-        out[name] = {"auc": auc_ci(y, s).to_dict(), "within_source_auc": _wsa_short(y, s, src),
+        s_all = scores[f"p_{name}"].to_numpy()
+        ok = np.isfinite(s_all)
+        y, src, s = y_all[ok], src_all[ok], s_all[ok]
+        usable = 0 < y.sum() < len(y)
+        out[name] = {"auc": auc_ci(y, s).to_dict() if usable else None,
+                     "within_source_auc": _wsa_short(y, s, src) if usable else None,
+                     "refused": int((~ok).sum()),
                      "mean_p_negatives": float(s[y == 0].mean()) if (y == 0).any() else None,
                      "mean_p_positives": float(s[y == 1].mean()) if (y == 1).any() else None}
-    m = has_own & (y == 1)
+    y = y_all
+    m = has_own & (y == 1) & np.isfinite(scores["p_own_lungs_removed"].to_numpy())
     d = scores.loc[m, "p_own_lungs_removed"].to_numpy() - scores.loc[m, "p_original"].to_numpy()
     out["own_lungs_removed_positives"] = {
         "n": int(m.sum()), "mean_p_original": float(scores.loc[m, "p_original"].mean()) if m.any() else None,
@@ -280,37 +300,6 @@ def lungs_removed(run, rows: pd.DataFrame, folder: str | Path, annotations_folde
 def _wsa_short(y, s, src) -> dict:
     d = within_source_auc_defined(y, s, src)
     return {k: d.get(k) for k in ("value", "ci_low", "ci_high", "pairs", "sources_used")}
-
-
-def source_probe(features: np.ndarray, sources: Sequence, patients: Sequence, *, folds: int = 5, seed: int = 0,
-                 n_boot: int = 1000, min_images: int = 10, C: float = 1.0) -> dict:
-    """Balanced accuracy of predicting the source from ``features`` (patient-grouped CV), vs chance."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    src = np.asarray(sources, dtype=object).astype(str)
-    pat = np.asarray(patients, dtype=object).astype(str)
-    counts = pd.DataFrame({"s": src, "p": pat}).groupby("s").agg(n=("p", "size"), patients=("p", "nunique"))
-    kept = sorted(counts.index[(counts["n"] >= min_images) & (counts["patients"] >= folds)])
-    m = np.isin(src, kept)
-    if len(kept) < 2:
-        return {"value": None, "note": f"fewer than 2 sources with >= {min_images} images and >= {folds} patients"}
-    X, s, g = np.asarray(features, float)[m], src[m], pat[m]
-    pred = np.empty(len(s), dtype=object)
-    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train, test in cv.split(X, s, g):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000, class_weight="balanced"))
-        clf.fit(X[train], s[train])
-        pred[test] = clf.predict(X[test])
-    value = float(balanced_accuracy_score(s, pred))
-    lo, hi = bootstrap_ci(lambda idx: float(balanced_accuracy_score(s[idx], pred[idx])) if len(set(s[idx])) > 1
-                          else float("nan"), len(s), clusters=g, n_boot=n_boot, seed=seed)
-    return jsonable({"value": value, "ci_low": lo, "ci_high": hi, "chance": 1.0 / len(kept), "sources": kept,
-                     "n": int(len(s)), "folds": folds, "method": "standardised logistic regression (C=%g), "
-                     "patient-grouped stratified k-fold, out-of-fold balanced accuracy, patient bootstrap CI" % C})
 
 
 def run_proxies(run_dir: str | Path, out: str | Path | None = None, *, split: str = "test",
@@ -361,6 +350,10 @@ def run_proxies(run_dir: str | Path, out: str | Path | None = None, *, split: st
     return result
 
 
+def _value(entry: dict | None) -> str:
+    return "n/a" if not entry or entry.get("value") is None else f"{entry['value']:.3f}"
+
+
 def summary_line(result: dict) -> str:
     d = result["discrimination"]
     w = d["within_source_auc"]
@@ -370,7 +363,7 @@ def summary_line(result: dict) -> str:
              f" [{w['ci_low'] if w['ci_low'] is None else round(w['ci_low'], 3)}, "
              f"{w['ci_high'] if w['ci_high'] is None else round(w['ci_high'], 3)}]",
              f"{q} mean |dP| {c[q]['mean_abs_change']['value']:.3f}",
-             f"no-lungs AUC {result['lungs']['no_lungs']['auc']['value']:.3f}",
+             f"no-lungs AUC {_value(result['lungs']['no_lungs']['auc'])}",
              f"source probe {result['source_probe'].get('value')}"]
     return " | ".join(parts)
 
