@@ -11,12 +11,12 @@ import pandas as pd
 from covidcxr.files import atomic_write_bytes
 from covidcxr.plotting import pyplot, save_figure
 
-LABEL_WIDTH = 96
+LABEL_WIDTH = 128
 
 
 def _label(text: str, height: int) -> np.ndarray:
     strip = np.full((height, LABEL_WIDTH), 255, np.uint8)
-    cv2.putText(strip, text[:16], (3, height // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.33, 0, 1, cv2.LINE_AA)
+    cv2.putText(strip, text[:22], (3, height // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.33, 0, 1, cv2.LINE_AA)
     return strip
 
 
