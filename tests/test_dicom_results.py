@@ -83,11 +83,13 @@ def test_results_go_into_the_source_study_with_copied_patient_and_new_uids(analy
                         "AccessionNumber", "StudyID"):
             assert str(obj.get(keyword, "")) == str(source.get(keyword, "")), keyword
     assert sr.SeriesInstanceUID != sc.SeriesInstanceUID
-    # deterministic: analysing the same instance again gives the same objects' UIDs (a PACS stores them once)
-    again = analyser.analyse(analyser.check(data, source), source)
-    assert [o.SOPInstanceUID for o in again.results] == [o.SOPInstanceUID for o in analysis.results]
-    # another instance of the same study (the uncompressed twin): same result series, new instances
+    # derived, not random: the same instance gives the same objects' UIDs again (a PACS stores them once)
     from covidcxr.serving.dicom.uids import result_uids
+
+    assert [result_uids(source, analyser.run.model_sha256, kind) for kind in ("sr", "overlay")] == \
+        [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in analysis.results]
+    assert result_uids(source, "0" * 64, "sr")[1] != sr.SOPInstanceUID  # another model: other objects
+    # another instance of the same study (the uncompressed twin): same result series, new instances
 
     twin = pydicom.dcmread(data_root / DICOM, stop_before_pixels=True)
     assert twin.StudyInstanceUID == source.StudyInstanceUID and twin.SOPInstanceUID != source.SOPInstanceUID

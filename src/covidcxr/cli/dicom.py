@@ -30,7 +30,7 @@ def listen(
     host: Optional[str] = typer.Option(None, "--host", help="interface to listen on (default 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, "--port", help="DICOM port (default 11112)"),
     allow_caller: Optional[List[str]] = typer.Option(None, "--allow-caller", help="calling AE title allowed to "
-                                                     "send (repeat; adds nothing to --config's list, replaces it)"),
+                                                     "send (repeat; replaces the list in --config)"),
     destination: Optional[str] = typer.Option(None, "--destination", help="where results go: AE_TITLE@HOST:PORT"),
     spool: Optional[Path] = typer.Option(None, "--spool", help="queue folder (default RUN_DIR/dicom-spool)"),
     keep_folder: Optional[Path] = typer.Option(None, "--keep-folder", help="keep processed instances here "
