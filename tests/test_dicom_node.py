@@ -248,3 +248,22 @@ def test_listen_command_serves_until_sigterm(run_dir, pacs, data_root, tmp_path)
     assert proc.returncode == 0, err[-2000:]
     assert "listening as COVIDCXR" in out
     assert "accepted, queued" in err and "2 result(s) sent to ORTHANC" in err
+
+
+def test_unreachable_destination_keeps_the_instance_queued_for_a_retry(run_dir, analyser, data_root, tmp_path):
+    import time
+
+    from covidcxr.serving.dicom.node import DicomNode
+    from covidcxr.serving.dicom.settings import Destination, NodeSettings
+    from orthanc_helpers import free_port
+
+    settings = NodeSettings(port=0, allowed_callers=["ORTHANC"], spool=tmp_path / "spool",
+                            destination=Destination(ae_title="GONE", host="127.0.0.1", port=free_port()))
+    with DicomNode(run_dir, settings, analyser=analyser) as node:
+        assert Sender(node.port).store(good_dx(data_root, 0)) == [(0, "")]
+        deadline = time.monotonic() + 120
+        while not any(r["event"] == "send-retry" for r in node.audit.rows()):
+            assert time.monotonic() < deadline, node.audit.rows()
+            time.sleep(0.2)
+        assert node.spool.counts()["queued"] == 1 and len(list(node.spool.incoming.iterdir())) == 1
+        assert "GONE@127.0.0.1" in [r for r in node.audit.rows() if r["event"] == "send-retry"][0]["error"]

@@ -151,6 +151,12 @@ def test_spool_survives_restart_and_never_queues_an_instance_twice(tmp_path):
     assert spool.add("a" * 64, b"one") == "done"  # processed: acknowledged, never again
     assert spool.add("b" * 64, b"two") is None  # failed: may be sent again
     spool.close()
+    kept = Spool(tmp_path / "spool2", keep_folder=tmp_path / "keep")
+    kept.add("c" * 64, b"three")
+    item = kept.claim(timeout=0)
+    kept.finish(item, "done")
+    assert not item.path.exists() and (tmp_path / "keep" / item.path.name).read_bytes() == b"three"
+    kept.close()
 
 
 def test_settings_are_validated(tmp_path):
