@@ -57,7 +57,7 @@ class OrthancServer:
             "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "DicomCheckCalledAet": False,
             "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "SaveJobs": False, "ConcurrentJobs": 1, "StableAge": 60, "HttpThreadsCount": 4,
-            "DicomScpTimeout": 30, "DicomScuTimeout": 30, "StorageCompression": False,
+            "DicomScpTimeout": 120, "DicomScuTimeout": 120, "StorageCompression": False,
         }
 
     def __enter__(self) -> "OrthancServer":
@@ -100,7 +100,7 @@ class OrthancServer:
     def rest(self, method: str, path: str, **kwargs):
         import httpx
 
-        response = httpx.request(method, f"{self.url}{path}", timeout=120, **kwargs)
+        response = httpx.request(method, f"{self.url}{path}", timeout=300, **kwargs)
         response.raise_for_status()
         return response.json() if "json" in response.headers.get("content-type", "") else response.content
 
