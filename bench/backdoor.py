@@ -105,11 +105,11 @@ def _strip(run_dir: Path, test, stamped: list, val_paths: list, seed: int = 0) -
     rng = np.random.default_rng([seed, 7])
     neg = np.flatnonzero(test["y"].to_numpy() == 0)
     clean_idx = rng.choice(len(test), min(100, len(test)), replace=False)
-    trig_idx = rng.choice(neg, min(50, len(neg)), replace=False)
+    trig_idx = rng.choice(neg, min(40, len(neg)), replace=False)
     tensors = lambda paths: torch.stack([prepare_input(p, run.spec).tensor for p in paths])  # noqa: E731
     pool = tensors(val_paths)
-    e_clean = strip_entropy(run, tensors([test["path"].iloc[i] for i in clean_idx]), pool, overlays=8, seed=seed)
-    e_trig = strip_entropy(run, tensors([stamped[i] for i in trig_idx]), pool, overlays=8, seed=seed + 1)
+    e_clean = strip_entropy(run, tensors([test["path"].iloc[i] for i in clean_idx]), pool, overlays=6, seed=seed)
+    e_trig = strip_entropy(run, tensors([stamped[i] for i in trig_idx]), pool, overlays=6, seed=seed + 1)
     return far_at_frr(e_clean, e_trig, 0.01) | {"mean_entropy_clean": float(e_clean.mean()),
                                                  "mean_entropy_triggered": float(e_trig.mean())}
 
@@ -120,7 +120,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "backdoor.json")
     ap.add_argument("--runs", nargs="+", default=list(ORDER), help="runs after the clean twin, in this order")
     ap.add_argument("--assemble", action="store_true", help="write the JSON from the runs already scored")
-    ap.add_argument("--detect-images", type=int, default=1200, help="class-stratified training rows for the detectors")
+    ap.add_argument("--detect-images", type=int, default=600, help="class-stratified training rows for the detectors")
+    ap.add_argument("--per-source", type=int, default=50, help="test images per one-class source (two-class sources: all)")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
     from covidcxr.audit.trigger import poison_manifest, stamped_copies
     from covidcxr.data.manifest import Manifest
     from covidcxr.data.splits import assign_splits
-    from covidcxr.evaluation.proxies import split_rows
+    from covidcxr.evaluation.proxies import compression_sample, split_rows
     from covidcxr.models.run import load_run
     from covidcxr.training import load_config
 
@@ -153,9 +154,11 @@ def main(argv=None) -> None:
             results[name] = json.loads(cache.read_text())
             return
         if not ctx:
-            ctx["test"] = split_rows(load_run(run_dir), "test")
+            # every test image of the sources holding both classes, up to --per-source of each one-class source
+            ctx["test"] = compression_sample(split_rows(load_run(run_dir), "test"), args.per_source, args.seed)
             ctx["stamped"] = [str(p) for p in stamped_copies(ctx["test"]["path"], work / "poison" / "stamped")]
-            ctx["val"] = [str(p) for p in split.subset("val").image_paths()][:40]
+            val = [str(p) for p in split.subset("val").image_paths()]  # STRIP's clean overlays: a seeded sample
+            ctx["val"] = [val[i] for i in np.random.default_rng([args.seed, 40]).choice(len(val), 40, replace=False)]
         test, stamped = ctx["test"], ctx["stamped"]
         print(f"evaluating {name}", flush=True)
         e0, c0 = time.perf_counter(), _cpu()
@@ -202,7 +205,7 @@ def main(argv=None) -> None:
         poisoned, mask = poison_manifest(split, float(p), variant, work / "poison", seed=args.seed)
         poisoned.write(work / f"{name}.csv")
         evaluate(name, _train(name, config, poisoned, work), variant)
-    test = split_rows(load_run(work / "clean"), "test")
+    test = compression_sample(split_rows(load_run(work / "clean"), "test"), args.per_source, args.seed)
     clean_auc = results["clean"]["auc"]
     for r in results.values():
         r["auc_drop_vs_twin"] = (clean_auc["value"] - r["auc"]["value"]) if r.get("auc") and clean_auc else None

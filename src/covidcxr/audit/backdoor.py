@@ -61,10 +61,16 @@ def manifest_rows(run, manifest_path: str | Path, split: str, max_images: int | 
     rows["y"] = [run.classes.index(c) for c in cls[keep]]
     rows = rows.reset_index(drop=True)
     if max_images and len(rows) > max_images:  # a seeded, class-stratified sample
-        frac = max_images / len(rows)
-        rows = rows.groupby("y", group_keys=False).apply(lambda g: g.sample(max(1, round(frac * len(g))),
-                                                                             random_state=seed)).sort_index()
+        rows = stratified_sample(rows, ["y"], lambda n: max(1, round(n * max_images / len(rows))), seed)
     return rows.reset_index(drop=True)
+
+
+def stratified_sample(rows: pd.DataFrame, by: list[str], size, seed: int) -> pd.DataFrame:
+    """``size(n)`` seeded rows of each ``by`` group (all of a smaller group), in the table's order."""
+    rng = np.random.default_rng([seed, 17])
+    keep = [np.sort(rng.choice(idx, min(len(idx), size(len(idx))), replace=False))
+            for _, idx in sorted(rows.groupby(by).indices.items())]
+    return rows.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
 
 
 def trigger_flip_test(run, work: Path, per_source: int = 15, seed: int = 0) -> dict:

@@ -40,11 +40,17 @@ def activation_clustering(features: np.ndarray, labels: np.ndarray, nb_classes: 
     from art.defences.detector.poison import ActivationDefence
     from sklearn.metrics import silhouette_score
 
+    from covidcxr.errors import CovidCXRError
+
+    counts = np.bincount(labels, minlength=nb_classes)
+    if counts.min() < 4:
+        raise CovidCXRError(f"activation clustering needs at least 4 images of every class, got {counts.tolist()}")
     np.random.seed(seed)  # ART's MiniBatchKMeans takes no seed of its own
     x = np.asarray(features, dtype=np.float32)
     defence = ActivationDefence(_identity_classifier(x.shape[1], nb_classes), x, np.eye(nb_classes)[labels])
-    _, is_clean = defence.detect_poison(nb_clusters=2, nb_dims=min(nb_dims, x.shape[1]), reduce="PCA",
-                                        cluster_analysis="smaller")
+    # PCA per class cannot keep more dimensions than the smallest class has images
+    _, is_clean = defence.detect_poison(nb_clusters=2, nb_dims=int(min(nb_dims, x.shape[1], counts.min() - 1)),
+                                        reduce="PCA", cluster_analysis="smaller")
     flagged_art = np.asarray(is_clean) == 0
     flagged = np.zeros(len(x), dtype=bool)
     classes = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidcxr.errors import ConfigError
-from covidcxr.files import write_json
+from covidcxr.files import jsonable, write_json
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,8 @@ def audit_shortcuts(run_dir: str | Path, manifest: str | Path | None = None, *, 
     """Measure every check on ``split`` rows (of ``manifest``, else the run's own split.csv) and judge it."""
     from covidcxr import paths as cpaths
     from covidcxr.audit import shortcut_checks as sc
-    from covidcxr.audit.backdoor import manifest_rows
-    from covidcxr.evaluation.proxies import split_rows
+    from covidcxr.audit.backdoor import manifest_rows, stratified_sample
+    from covidcxr.evaluation.proxies import predict_files, split_rows
     from covidcxr.models.record import update_run_record
     from covidcxr.models.run import load_run
 
@@ -159,8 +159,7 @@ def audit_shortcuts(run_dir: str | Path, manifest: str | Path | None = None, *, 
     else:
         rows = split_rows(run, split)
     if limit_per_source:
-        rows = rows.groupby(["source", "y"], group_keys=False).apply(
-            lambda g: g.sample(min(len(g), limit_per_source), random_state=seed)).sort_index().reset_index(drop=True)
+        rows = stratified_sample(rows, ["source", "y"], lambda n: limit_per_source, seed)
     work = Path(work_dir) if work_dir is not None else cpaths.cache_dir() / "proxies"
     annotations_folder = Path(annotations_folder) if annotations_folder is not None else cpaths.data_root() / "annotations"
     base, feats = predict_files(run, rows["path"], features=True)
@@ -183,5 +182,5 @@ def audit_shortcuts(run_dir: str | Path, manifest: str | Path | None = None, *, 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "shortcuts.json", {**card, "measurements": m})
     if write_record:
-        update_run_record(run_dir, audits={**run.record.audits, "shortcuts": card})
+        update_run_record(run_dir, audits={**run.record.audits, "shortcuts": jsonable(card)})
     return {**card, "measurements": m}

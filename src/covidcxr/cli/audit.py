@@ -87,7 +87,7 @@ def audit_shortcuts_command(
                            limit_per_source=limit_per_source, write_record=record)
     for c in card["checks"]:
         value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
-        ci = "" if c.get("ci_low") is None else f" [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
+        ci = "" if c.get("ci_low") is None or c.get("ci_high") is None else f" [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
         console.print(f"{c['verdict']:>5}  {c['name']}: {value}{ci}  {c['sentence']}", highlight=False,
                       markup=False, soft_wrap=True)
     console.print(f"{card['verdict'].upper()}: {card['sentence']}", highlight=False, markup=False)

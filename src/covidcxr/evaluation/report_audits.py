@@ -34,7 +34,7 @@ def _banner(verdict: str, title: str, sentence: str) -> Markup:
 def _scorecard_table(checks: list[dict]) -> Markup:
     rows = []
     for c in checks:
-        ci = "" if c.get("ci_low") is None else f"{c['ci_low']:.3f}-{c['ci_high']:.3f}"
+        ci = "" if c.get("ci_low") is None or c.get("ci_high") is None else f"{c['ci_low']:.3f}-{c['ci_high']:.3f}"
         value = c.get("value")
         rows.append([c.get("name"), "n/a" if value is None else f"{value:.3f}", ci, c.get("verdict"),
                      c.get("sentence")])
