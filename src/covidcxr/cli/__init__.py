@@ -296,8 +296,7 @@ def predict(
                                         help="plausibility gate: refuse near-constant and noise-like images"),
     max_archive_gb: float = typer.Option(4.0, min=0.0, help="most GiB unpacked from archives per job (members past "
                                                             "it are skipped)"),
-    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; --out is a folder of "
-                                              "partitions, see docs/serving.md)"),
+    engine: str = typer.Option("local", help="local, or ray (Ray Data actors; --out is a folder of partitions)"),
     actors: int = typer.Option(2, min=1, help="--engine ray: scoring actors"),
     ray_address: Optional[str] = typer.Option(None, help="--engine ray: an existing cluster (auto, ray://host:10001)"),
 ):
@@ -311,16 +310,13 @@ def predict(
     from covidcxr.data.plausibility import InputChecks
     from covidcxr.serving.batch import display_name, predict_run
 
-    if engine == "ray":
+    if engine != "local":
         from covidcxr.cli.ray_predict import predict_with_ray
 
-        return predict_with_ray(run_dir, paths, out, actors=actors, address=ray_address, batch_size=batch_size,
-                                partition_size=256, backend=backend, resume=resume, overwrite=overwrite,
-                                allow_non_frontal=allow_non_frontal, max_archive_bytes=int(max_archive_gb * 2**30),
-                                checks=InputChecks(min_side=min_side, max_aspect=max_aspect, content=content_checks),
-                                strict=strict)
-    if engine != "local":
-        raise typer.BadParameter(f"--engine {engine!r}: choose local or ray")
+        return predict_with_ray(engine, run_dir, paths, out, actors=actors, address=ray_address, batch_size=batch_size,
+                                backend=backend, resume=resume, overwrite=overwrite, allow_non_frontal=allow_non_frontal,
+                                max_archive_bytes=int(max_archive_gb * 2**30), strict=strict,
+                                checks=InputChecks(min_side=min_side, max_aspect=max_aspect, content=content_checks))
     result = predict_run(run_dir, paths, out, backend=backend, heatmaps=heatmaps, batch_size=batch_size,
                          resume=resume, overwrite=overwrite, workers=workers, allow_non_frontal=allow_non_frontal,
                          max_archive_bytes=int(max_archive_gb * 2**30),
@@ -349,11 +345,15 @@ def export(
     format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default RUN_DIR/model.onnx, recorded in run.json)"),
     opset: int = typer.Option(18, help="ONNX opset"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: static, calibrated on validation images"),
+    calibration_images: int = typer.Option(64, min=1, help="--quantize int8: validation images to calibrate on"),
 ):
     """Export the model with a dynamic batch size and probability outputs; checked against PyTorch."""
+    from covidcxr.cli.ray_predict import export_quantized
     from covidcxr.serving.onnx import export_model
 
-    path = export_model(run_dir, format=format, out=out, opset=opset)
+    path = (export_model(run_dir, format=format, out=out, opset=opset) if quantize is None else
+            export_quantized(run_dir, quantize, format=format, out=out, opset=opset, images=calibration_images))
     console.print(f"exported {path}", highlight=False)
 
 

@@ -1,9 +1,10 @@
-"""``covidcxr predict ... --engine ray``: the Ray Data engine's report (covidcxr.serving.ray_scoring)."""
+"""The performance-path commands' reports: ``predict --engine ray`` (covidcxr.serving.ray_scoring) and
+``export --quantize int8`` (covidcxr.serving.onnx_quantize)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import typer
 from rich.markup import escape
@@ -11,9 +12,12 @@ from rich.markup import escape
 from covidcxr.cli.console import console, err_console
 
 
-def predict_with_ray(run_dir: Path, paths: Sequence[str], out: Path, *, actors: int, address: str | None,
-                     batch_size: int, partition_size: int, backend: str, resume: bool, overwrite: bool,
-                     allow_non_frontal: bool, checks, max_archive_bytes: int, strict: bool) -> None:
+def predict_with_ray(engine: str, run_dir: Path, paths: Sequence[str], out: Path, *, actors: int,
+                     address: str | None, batch_size: int, backend: str, resume: bool, overwrite: bool,
+                     allow_non_frontal: bool, checks, max_archive_bytes: int, strict: bool,
+                     partition_size: int = 256) -> None:
+    if engine != "ray":
+        raise typer.BadParameter(f"--engine {engine!r}: choose local or ray")
     from covidcxr.serving.ray_scoring import score_with_ray
 
     result = score_with_ray(run_dir, paths, out, actors=actors, address=address, batch_size=batch_size,
@@ -31,3 +35,19 @@ def predict_with_ray(run_dir: Path, paths: Sequence[str], out: Path, *, actors: 
         raise typer.Exit(1)
     if strict and result.skipped:
         raise typer.Exit(1)
+
+
+def export_quantized(run_dir: Path, quantize: str, *, format: str, out: Optional[Path], opset: int,
+                     images: int) -> Path:
+    """``export --format onnx --quantize int8``: the int8 model becomes the run's ONNX model."""
+    if quantize != "int8" or format != "onnx" or out is not None:
+        raise typer.BadParameter("--quantize int8 works with --format onnx into the run directory (no --out)")
+    from covidcxr.models.record import read_run_record
+    from covidcxr.serving.onnx_quantize import quantize_run
+
+    path = quantize_run(run_dir, opset=opset, calibration_images=images)
+    q = read_run_record(run_dir).info["onnx_quantization"]
+    console.print(f"int8 model calibrated on {q['calibration']['images']} validation images; validation AUC "
+                  f"fp32 {q['val_auc_fp32']:.4f} -> int8 {q['val_auc_int8']:.4f} (recorded in run.json)",
+                  highlight=False)
+    return path
