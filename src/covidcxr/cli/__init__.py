@@ -14,6 +14,7 @@ import typer
 
 from covidcxr.cli.console import console, err_console
 from covidcxr.cli.dicom import dicom_app
+from covidcxr.cli.ray_predict import export_quantized, is_worker_rank, predict_with_ray
 from covidcxr.cli.audit import audit_app, verify
 from covidcxr.cli.crossval import crossval
 from covidcxr.cli.segment import segment_app
@@ -140,9 +141,7 @@ def train(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_dir = run_training(config, out, overrides=list(overrides or []), resume=resume, folds=folds)
-    import os
-
-    if os.environ.get("RANK", "0") != "0":
+    if is_worker_rank():
         return  # a torchrun (DDP) job: rank 0 wrote the run and reports it
     from covidcxr.models.record import read_run_record
 
@@ -297,8 +296,7 @@ def predict(
     max_archive_gb: float = typer.Option(4.0, min=0.0, help="most GiB unpacked from archives per job (members past "
                                                             "it are skipped)"),
     engine: str = typer.Option("local", help="local, or ray (Ray Data actors; --out is a folder of partitions)"),
-    actors: int = typer.Option(2, min=1, help="--engine ray: scoring actors"),
-    ray_address: Optional[str] = typer.Option(None, help="--engine ray: an existing cluster (auto, ray://host:10001)"),
+    actors: int = typer.Option(2, min=1, help="--engine ray: scoring actors (a cluster: set RAY_ADDRESS)"),
 ):
     """Predict class probabilities for many images; inputs not predicted are listed in <out>.skipped.csv.
 
@@ -311,9 +309,7 @@ def predict(
     from covidcxr.serving.batch import display_name, predict_run
 
     if engine != "local":
-        from covidcxr.cli.ray_predict import predict_with_ray
-
-        return predict_with_ray(engine, run_dir, paths, out, actors=actors, address=ray_address, batch_size=batch_size,
+        return predict_with_ray(engine, run_dir, paths, out, actors=actors, batch_size=batch_size,
                                 backend=backend, resume=resume, overwrite=overwrite, allow_non_frontal=allow_non_frontal,
                                 max_archive_bytes=int(max_archive_gb * 2**30), strict=strict,
                                 checks=InputChecks(min_side=min_side, max_aspect=max_aspect, content=content_checks))
@@ -345,15 +341,13 @@ def export(
     format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default RUN_DIR/model.onnx, recorded in run.json)"),
     opset: int = typer.Option(18, help="ONNX opset"),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: static, calibrated on validation images"),
-    calibration_images: int = typer.Option(64, min=1, help="--quantize int8: validation images to calibrate on"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: static, calibrated on 64 validation images"),
 ):
     """Export the model with a dynamic batch size and probability outputs; checked against PyTorch."""
-    from covidcxr.cli.ray_predict import export_quantized
     from covidcxr.serving.onnx import export_model
 
     path = (export_model(run_dir, format=format, out=out, opset=opset) if quantize is None else
-            export_quantized(run_dir, quantize, format=format, out=out, opset=opset, images=calibration_images))
+            export_quantized(run_dir, quantize, format=format, out=out, opset=opset))
     console.print(f"exported {path}", highlight=False)
 
 

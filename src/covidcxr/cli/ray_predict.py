@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -12,15 +13,20 @@ from rich.markup import escape
 from covidcxr.cli.console import console, err_console
 
 
-def predict_with_ray(engine: str, run_dir: Path, paths: Sequence[str], out: Path, *, actors: int,
-                     address: str | None, batch_size: int, backend: str, resume: bool, overwrite: bool,
+def is_worker_rank() -> bool:
+    """A torchrun (DDP) process other than rank 0: rank 0 alone reports."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def predict_with_ray(engine: str, run_dir: Path, paths: Sequence[str], out: Path, *, actors: int, batch_size: int, backend: str, resume: bool, overwrite: bool,
                      allow_non_frontal: bool, checks, max_archive_bytes: int, strict: bool,
                      partition_size: int = 256) -> None:
     if engine != "ray":
         raise typer.BadParameter(f"--engine {engine!r}: choose local or ray")
     from covidcxr.serving.ray_scoring import score_with_ray
 
-    result = score_with_ray(run_dir, paths, out, actors=actors, address=address, batch_size=batch_size,
+    result = score_with_ray(run_dir, paths, out, actors=actors, address=os.environ.get("RAY_ADDRESS"),
+                            batch_size=batch_size,
                             partition_size=partition_size, backend=backend, resume=resume, overwrite=overwrite,
                             allow_non_frontal=allow_non_frontal, checks=checks, max_archive_bytes=max_archive_bytes)
     for path, reason in result.skipped[:20]:
@@ -38,7 +44,7 @@ def predict_with_ray(engine: str, run_dir: Path, paths: Sequence[str], out: Path
 
 
 def export_quantized(run_dir: Path, quantize: str, *, format: str, out: Optional[Path], opset: int,
-                     images: int) -> Path:
+                     images: int = 64) -> Path:
     """``export --format onnx --quantize int8``: the int8 model becomes the run's ONNX model."""
     if quantize != "int8" or format != "onnx" or out is not None:
         raise typer.BadParameter("--quantize int8 works with --format onnx into the run directory (no --out)")
