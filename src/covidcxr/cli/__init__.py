@@ -14,7 +14,7 @@ import typer
 
 from covidcxr.cli.console import console, err_console
 from covidcxr.cli.dicom import dicom_app
-from covidcxr.cli.ray_predict import export_quantized, is_worker_rank, predict_with_ray
+from covidcxr.cli.ray_predict import export_run_model, is_worker_rank, predict_with_ray
 from covidcxr.cli.audit import audit_app, verify
 from covidcxr.cli.crossval import crossval
 from covidcxr.cli.segment import segment_app
@@ -344,10 +344,7 @@ def export(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: static, calibrated on 64 validation images"),
 ):
     """Export the model with a dynamic batch size and probability outputs; checked against PyTorch."""
-    from covidcxr.serving.onnx import export_model
-
-    path = (export_model(run_dir, format=format, out=out, opset=opset) if quantize is None else
-            export_quantized(run_dir, quantize, format=format, out=out, opset=opset))
+    path = export_run_model(run_dir, quantize, format=format, out=out, opset=opset)
     console.print(f"exported {path}", highlight=False)
 
 

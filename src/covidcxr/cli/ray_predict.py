@@ -1,5 +1,5 @@
-"""The performance-path commands' reports: ``predict --engine ray`` (covidcxr.serving.ray_scoring) and
-``export --quantize int8`` (covidcxr.serving.onnx_quantize)."""
+"""The scale-out paths of the CLI: ``predict --engine ray`` (covidcxr.serving.ray_scoring), ``export``
+with ``--quantize int8`` (covidcxr.serving.onnx_quantize) and the torchrun rank check of ``train``."""
 
 from __future__ import annotations
 
@@ -43,9 +43,13 @@ def predict_with_ray(engine: str, run_dir: Path, paths: Sequence[str], out: Path
         raise typer.Exit(1)
 
 
-def export_quantized(run_dir: Path, quantize: str, *, format: str, out: Optional[Path], opset: int,
+def export_run_model(run_dir: Path, quantize: Optional[str], *, format: str, out: Optional[Path], opset: int,
                      images: int = 64) -> Path:
-    """``export --format onnx --quantize int8``: the int8 model becomes the run's ONNX model."""
+    """``covidcxr export``; with ``--quantize int8`` the int8 model becomes the run's ONNX model."""
+    from covidcxr.serving.onnx import export_model
+
+    if quantize is None:
+        return export_model(run_dir, format=format, out=out, opset=opset)
     if quantize != "int8" or format != "onnx" or out is not None:
         raise typer.BadParameter("--quantize int8 works with --format onnx into the run directory (no --out)")
     from covidcxr.models.record import read_run_record
