@@ -78,7 +78,10 @@ def trigger_flip_test(run, work: Path, per_source: int = 15, seed: int = 0) -> d
     from covidcxr.audit.trigger import stamped_copies
     from covidcxr.evaluation.proxies import compression_sample, predict_files, split_rows
 
-    rows = split_rows(run, "test")
+    try:
+        rows = split_rows(run, "test")
+    except CovidCXRError as exc:  # a run without its own test rows (or split) cannot take this test
+        return {"value": None, "note": str(exc)}
     rows = compression_sample(rows[rows["y"] == 0], per_source, seed)
     if rows.empty or run.threshold is None:
         return {"value": None, "note": "no negative test rows or no decision threshold"}
