@@ -334,5 +334,7 @@ def test_frechet_distance_and_kid_on_known_samples(data_root):
     assert abs(same) < 0.01 and shifted > 0.5
     images = sorted((data_root / "images" / "nih" / "normal").glob("*.jpg"))[:4]
     d = nearest_hash_distances(images[:2], images)
-    assert d.tolist() == [0.0, 0.0]  # each image is in the pool: a copy is found at distance 0
+    # each image is in the pool: found as a copy (a few bits apart: the audit hashes JPEGs from a DCT-domain
+    # downscaled decode, the query side from the full decode)
+    assert (d <= 4).all()
     assert (nearest_hash_distances(images[:2], images[2:]) > 24).all()

@@ -199,7 +199,8 @@ def _train(cfg: SynthConfig, out: Path, resume: bool, device_name: str) -> Synth
             window["n"] = window.get("n", 0) + 1
             window["seconds"] = window.get("seconds", 0.0) + time.perf_counter() - t0
             progress.update(task, advance=per_step, g=float(losses["g_total"]), d=float(losses["d_a"] + losses["d_b"]))
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            over_time = cfg.max_seconds is not None and elapsed + time.perf_counter() - t_run >= cfg.max_seconds
+            if step % cfg.log_every == 0 or step == cfg.steps or over_time:  # a stop flushes the partial window
                 n = window.pop("n")
                 seconds = window.pop("seconds")
                 history.append({"step": step, "lr": lr, **{k: v / n for k, v in window.items()},
@@ -208,7 +209,6 @@ def _train(cfg: SynthConfig, out: Path, resume: bool, device_name: str) -> Synth
                 _write_losses(out, history, names, plot=False)  # watchable while it runs; the plot at checkpoints
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 contact_sheet(sheet_rows(nets, samples, names), out / "samples" / f"step_{step:06d}.png")
-            over_time = cfg.max_seconds is not None and elapsed + time.perf_counter() - t_run >= cfg.max_seconds
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or over_time:
                 checkpoint()
             if over_time and step < cfg.steps:
