@@ -84,10 +84,14 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray, eps: float = 1e-6) -> float
 
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(s1)) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    import warnings
+
+    with warnings.catch_warnings():  # n < feature dimensions makes both covariances singular: expected here
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(s1)) * eps
+            covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     covmean = np.real(covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
