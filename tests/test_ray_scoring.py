@@ -82,14 +82,10 @@ def test_two_actors_score_like_predict_and_resume_without_duplicates(tiny_run, s
     assert sorted(skipped["path"]) == sorted(ref_skipped["path"]) and len(skipped) == 2
     assert sorted(skipped["reason"]) == sorted(ref_skipped["reason"])
 
-
-def test_existing_job_needs_resume_or_overwrite(tiny_run, data_root, tmp_path, ray_local):
+    # A finished job is protected without --resume; resuming it scores nothing again.
     from covidcxr.errors import CovidCXRError
-    from covidcxr.serving.ray_scoring import score_with_ray
 
-    images = [str(p) for p in sample_paths(data_root, 2)]
-    score_with_ray(tiny_run, images, tmp_path / "o", actors=1, batch_size=2)
     with pytest.raises(CovidCXRError, match="--resume"):
-        score_with_ray(tiny_run, images, tmp_path / "o", actors=1)
-    done = score_with_ray(tiny_run, images, tmp_path / "o", actors=1, resume=True)
-    assert done.predicted == 0 and done.already_done == 2 and done.total_rows == 2
+        score_with_ray(tiny_run, inputs, out, actors=2)
+    done = score_with_ray(tiny_run, inputs, out, actors=2, resume=True)
+    assert done.predicted == 0 and done.already_done == 26 and done.total_rows == 25
