@@ -163,7 +163,9 @@ def model_only(run_dir: Path, rounds: int, work: Path, threads: int) -> dict:
     export_graph(run.model, onnx_fp32, channels=run.spec.channels, image_size=run.spec.image_size)
     qrun = shutil.copytree(run_dir, work / "qrun", ignore=shutil.ignore_patterns("*.onnx", "checkpoints"))
     t0 = time.perf_counter()
-    int8 = quantize_run(qrun)
+    # No AUC limit here: the benchmark measures int8 whatever it costs; the export's own limit
+    # (0.005) is applied to the measured difference below.
+    int8 = quantize_run(qrun, max_auc_drop=float("inf"))
     quantize_s = time.perf_counter() - t0
     quant_info = read_run_record(qrun).info["onnx_quantization"]
     del run
@@ -211,6 +213,7 @@ def model_only(run_dir: Path, rounds: int, work: Path, threads: int) -> dict:
             "int8_vs_onnx_fp32_throughput": round(out["onnx_int8"]["throughput_img_s_median"]
                                                   / out["onnx_fp32"]["throughput_img_s_median"], 3),
             "int8_auc_minus_onnx_fp32": auc["onnx_int8"] - auc["onnx_fp32"],
+            "int8_meets_export_limit_0_005": bool(auc["onnx_fp32"] - auc["onnx_int8"] <= 0.005),
             "quantize_run": {"seconds": round(quantize_s, 1), "recorded": quant_info},
             "torch_version": torch.__version__}
 
@@ -238,6 +241,7 @@ def main() -> None:
         work = Path(tmp)
         if not a.skip_e2e:
             result["end_to_end"] = end_to_end(a.run_dir, shared_jpegs(a.images), a.rounds, work)
+            RESULTS.write_text(json.dumps(result, indent=2) + "\n")  # kept if the model-only part fails
         result["model_only"] = model_only(a.run_dir, a.rounds, work, a.threads)
     result["load_average_after"] = os.getloadavg()
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
