@@ -120,6 +120,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "backdoor.json")
     ap.add_argument("--runs", nargs="+", default=list(ORDER), help="runs after the clean twin, in this order")
     ap.add_argument("--assemble", action="store_true", help="write the JSON from the runs already scored")
+    ap.add_argument("--no-clean", action="store_true", help="leave the clean twin to another process (parallel runs)")
     ap.add_argument("--detect-images", type=int, default=600, help="class-stratified training rows for the detectors")
     ap.add_argument("--per-source", type=int, default=50, help="test images per one-class source (two-class sources: all)")
     ap.add_argument("--image-size", type=int, default=128)
@@ -187,7 +188,11 @@ def main(argv=None) -> None:
         cache.write_text(json.dumps(jsonable(r), indent=1))
         results[name] = json.loads(cache.read_text())
 
-    evaluate("clean", _train("clean", config, split, work), None)
+    if args.assemble:
+        if (work / "clean" / "bench.json").is_file():
+            evaluate("clean", work / "clean", None)
+    elif not args.no_clean:
+        evaluate("clean", _train("clean", config, split, work), None)
     for name in args.runs:
         variant, p = name.removesuffix("_finetuned").split("_")
         if args.assemble:  # only collect what finished
@@ -205,8 +210,9 @@ def main(argv=None) -> None:
         poisoned, mask = poison_manifest(split, float(p), variant, work / "poison", seed=args.seed)
         poisoned.write(work / f"{name}.csv")
         evaluate(name, _train(name, config, poisoned, work), variant)
-    test = compression_sample(split_rows(load_run(work / "clean"), "test"), args.per_source, args.seed)
-    clean_auc = results["clean"]["auc"]
+    test = compression_sample(split_rows(load_run(work / next(iter(results), "clean")), "test"), args.per_source,
+                              args.seed) if results else []
+    clean_auc = results["clean"]["auc"] if "clean" in results else None
     for r in results.values():
         r["auc_drop_vs_twin"] = (clean_auc["value"] - r["auc"]["value"]) if r.get("auc") and clean_auc else None
     t5 = results.get("targeted_0.05", {})
