@@ -74,7 +74,8 @@ def test_shortcut_card_on_a_trained_run_goes_into_run_json_and_the_report(traine
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    result = CliRunner().invoke(app, ["audit", "shortcuts", str(run), "--limit-per-source", "6",
+    # 12 per (source, class): the source probe needs >= 10 images and 5 patients per source.
+    result = CliRunner().invoke(app, ["audit", "shortcuts", str(run), "--limit-per-source", "12",
                                       "--threshold", "age_only_auc=0.9,0.95"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     card = read_run_record(run).audits["shortcuts"]
