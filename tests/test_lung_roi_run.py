@@ -119,3 +119,14 @@ def test_a_changed_or_swapped_segmenter_is_refused(roi_run, tmp_path):
     save_segmenter(copy / "segmenter", seg.model, **fields)
     with pytest.raises(WeightsError, match="trained with"):
         load_run(copy)
+
+
+def test_heatmaps_of_a_roi_run_are_drawn_on_the_crop_with_the_cropped_lung_mask(roi_run, data_root, tmp_path):
+    from covidcxr.explain.images import explain_images
+    from covidcxr.models.run import load_run
+
+    image = data_root / "images/ieee8023/covid/01E392EE-69F9-4E33-BFCE-E5C968654078.jpg"  # has a v7labs mask
+    result = explain_images(roi_run[0], [image], out=tmp_path, method="gradcam", annotations=data_root / "annotations",
+                            run=load_run(roi_run[0]))
+    entry = result["images"][0]
+    assert entry["lung_focus"] is not None and 0 <= entry["lung_focus"]["mass_share"] <= 1

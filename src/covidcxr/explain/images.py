@@ -150,11 +150,35 @@ def _road_summary(entries: list[dict]) -> dict:
     return {f"mean_{k}": float(np.mean([e["road"][k] for e in entries])) for k in keys} if entries else {}
 
 
+def _lung_region(ann, path, xray: PreparedInput, working_size: int):
+    roi = xray.meta.get("roi")
+    if roi is None:
+        return ann.lung_region(path, xray.pixels.shape)
+    top, left, bottom, right = roi["box"]
+    if roi.get("fallback") is not None:
+        return ann.lung_region(path, xray.pixels.shape)
+    full = tuple(xray.meta.get("original_shape") or ())
+    if len(full) != 2 or max(full) > working_size:  # the box is in a downscaled working image: no lung focus
+        return None
+    try:
+        region = ann.lung_region(path, full)
+    except Exception:  # noqa: BLE001 - a mask in another geometry (a downscaled working image): no lung focus
+        return None
+    if region is None or region.lung.shape != full or xray.pixels.shape != (bottom - top, right - left):
+        return None
+    from covidcxr.data.annotations import LungRegion
+
+    return LungRegion(lung=region.lung[top:bottom, left:right], valid=region.valid[top:bottom, left:right],
+                      kind=region.kind, source=region.source)
+
+
 def _explain_one(run, out, method, path, xray: PreparedInput, cam, probs, label, target, ann, used, cmap, alpha, road):
     stem = _unique_stem(path, used)
     # ROAD needs the raw S x S maps above, so this one maps them back itself (as explain.cam.heatmaps does).
     heat = to_original_geometry(cam, xray.pixels.shape, run.spec)
-    region = ann.lung_region(path, xray.pixels.shape) if ann is not None else None
+    # Annotated lung masks are in the stored image's geometry; a lung-ROI input shows its crop, so the
+    # mask is cut to the same box (only when the working image is the stored image, <= working size).
+    region = _lung_region(ann, path, xray, run.spec.working_size) if ann is not None else None
     lf = lung_focus(heat, region) if region is not None else None
     prob = {c: float(p) for c, p in zip(run.classes, probs)}
     target_name = run.classes[target]
