@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then import + split + audit the shared data, train the
-# quick shortcut-aware model, evaluate it on the held-out patient split (per source) and write the
-# HTML report. About 5 minutes on 2 idle CPU cores after the install.
+# quick shortcut-aware model on lung-ROI inputs (the shipped lung segmenter finds every image's lungs
+# once; masks are cached), evaluate it on the held-out patient split (per source) and write the HTML
+# report. See the README for measured times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
