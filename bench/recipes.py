@@ -197,19 +197,18 @@ def paired_within_source(y, a, b, sources) -> dict:
 def comparisons(work: Path, recipes: list[str], seeds: list[int], done: set, baseline: str = BASELINE) -> list[dict]:
     from covidcxr.evaluation.metrics import delong_test
 
-    BASELINE = baseline  # noqa: N806 - the comparison's reference recipe
     out = []
     for recipe in recipes:
-        if recipe == BASELINE:
+        if recipe == baseline:
             continue
         for seed in seeds:
-            if (recipe, seed) not in done or (BASELINE, seed) not in done:
+            if (recipe, seed) not in done or (baseline, seed) not in done:
                 continue
-            a, b = _scores(work, recipe, seed), _scores(work, BASELINE, seed)
+            a, b = _scores(work, recipe, seed), _scores(work, baseline, seed)
             t = a.merge(b[["image", "score"]], on="image", suffixes=("", "_base"))
             y, src = t["y"].to_numpy(), t["source"].to_numpy()
             plain = delong_test(y, t["score"], t["score_base"])
-            out.append({"recipe": recipe, "versus": BASELINE, "seed": seed, "n": int(len(t)),
+            out.append({"recipe": recipe, "versus": baseline, "seed": seed, "n": int(len(t)),
                         "auc": {k: plain[k] for k in ("difference", "ci_low", "ci_high", "p_value")},
                         "within_source_auc": paired_within_source(y, t["score"], t["score_base"], src)})
     return out
@@ -328,7 +327,7 @@ def merge(files: list[str], out: str) -> None:
     write_json(out, {
         "what": __doc__.split("\n\n")[0] + " (merged)", "merged_from": [str(f) for f in files],
         "split_seed": parts[0]["split_seed"], "seeds": sorted({r["seed"] for r in runs}),
-        "recipes": {r: RECIPES[r] for r in recipes}, "baseline": args.baseline, "table": table,
+        "recipes": {r: RECIPES[r] for r in recipes}, "baseline": parts[0].get("baseline", BASELINE), "table": table,
         "comparisons_vs_baseline": comps, "imagenet_features_source_probe": parts[0]["imagenet_features_source_probe"],
         "runs": runs, "failures": [f for p in parts for f in p["failures"]], "note": parts[0]["note"],
     })

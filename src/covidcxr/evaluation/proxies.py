@@ -120,13 +120,10 @@ def predict_files(run, paths: Sequence[str | Path], *, features: bool = False, b
     finally:
         if hook is not None:
             hook.close()
-    if preds.skipped and refused_ok:
-        refused = pd.DataFrame({"path": [str(p) for p, _ in preds.skipped], "score": np.nan})
-        table = pd.DataFrame({"path": preds.table["path"].astype(str),
-                              "score": preds.table[f"prob_{run.positive_class}"].astype(float)})
-        order = {str(p): i for i, p in enumerate(paths)}
-        table = pd.concat([table, refused]).sort_values("path", key=lambda c: c.map(order)).reset_index(drop=True)
-        return table, None
+    if preds.skipped and refused_ok:  # one row per input path, in order; refused ones NaN
+        scored = dict(zip(preds.table["path"].astype(str), preds.table[f"prob_{run.positive_class}"].astype(float)))
+        return pd.DataFrame({"path": [str(p) for p in paths],
+                             "score": [scored.get(str(p), np.nan) for p in paths]}), None
     if preds.skipped:
         raise CovidCXRError(f"{len(preds.skipped)} image(s) could not be read, e.g. {preds.skipped[0][0]}: "
                             f"{preds.skipped[0][1]}")

@@ -152,22 +152,17 @@ def _road_summary(entries: list[dict]) -> dict:
 
 def _lung_region(ann, path, xray: PreparedInput, working_size: int):
     roi = xray.meta.get("roi")
-    if roi is None:
-        return ann.lung_region(path, xray.pixels.shape)
-    top, left, bottom, right = roi["box"]
-    if roi.get("fallback") is not None:
+    if roi is None or roi.get("fallback") is not None:  # the model saw the whole working image
         return ann.lung_region(path, xray.pixels.shape)
     full = tuple(xray.meta.get("original_shape") or ())
     if len(full) != 2 or max(full) > working_size:  # the box is in a downscaled working image: no lung focus
         return None
-    try:
-        region = ann.lung_region(path, full)
-    except Exception:  # noqa: BLE001 - a mask in another geometry (a downscaled working image): no lung focus
-        return None
-    if region is None or region.lung.shape != full or xray.pixels.shape != (bottom - top, right - left):
+    region = ann.lung_region(path, full)
+    if region is None:
         return None
     from covidcxr.data.annotations import LungRegion
 
+    top, left, bottom, right = roi["box"]
     return LungRegion(lung=region.lung[top:bottom, left:right], valid=region.valid[top:bottom, left:right],
                       kind=region.kind, source=region.source)
 

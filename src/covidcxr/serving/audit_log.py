@@ -101,16 +101,22 @@ def default_audit_url(run_dir: str | Path) -> str:
     return f"sqlite:///{(Path(run_dir) / AUDIT_DB_FILE).resolve()}"
 
 
+def open_audit_database(url: str, metadata: sa.MetaData, what: str, example: str) -> sa.engine.Engine:
+    """An engine on ``url`` with ``metadata``'s tables created; a ConfigError naming the URL if it cannot open."""
+    try:
+        engine = sa.create_engine(url, future=True)
+        metadata.create_all(engine)
+    except (sa.exc.ArgumentError, sa.exc.OperationalError, ModuleNotFoundError) as exc:
+        raise ConfigError(f"{what} {url!r} cannot be opened ({exc.__class__.__name__}: {exc}); "
+                          f"pass a SQLAlchemy URL such as sqlite:////path/{example}") from exc
+    return engine
+
+
 class AuditLog:
     """Append-only prediction log on any SQLAlchemy database (SQLite file by default)."""
 
     def __init__(self, url: str):
-        try:
-            self.engine = sa.create_engine(url, future=True)
-            _metadata.create_all(self.engine)
-        except (sa.exc.ArgumentError, sa.exc.OperationalError, ModuleNotFoundError) as exc:
-            raise ConfigError(f"audit database {url!r} cannot be opened ({exc.__class__.__name__}: {exc}); "
-                              "pass a SQLAlchemy URL such as sqlite:////path/audit.sqlite") from exc
+        self.engine = open_audit_database(url, _metadata, "audit database", "audit.sqlite")
         self.url = url
         # SQLite serialises writers anyway; the lock keeps concurrent threadpool workers from
         # failing with "database is locked" instead of waiting.

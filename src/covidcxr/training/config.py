@@ -302,29 +302,38 @@ def _known_keys(model: type[BaseModel] = TrainingConfig, prefix: str = "") -> li
     return keys
 
 
+def parse_override(item: str, example: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value parsed as YAML)``; ConfigErrors name the override."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. {example}")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), (yaml.safe_load(raw) if raw.strip() else None)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+
+
+def set_dotted(tree: dict, key: str, value: Any, item: str) -> None:
+    """``tree[a][b] = value`` for ``key = "a.b"``, creating sections; a non-section on the way is an error."""
+    node = tree
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[leaf] = value
+
+
 def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
     """Apply ``section.key=value`` strings to a config dict (values parsed as YAML)."""
     known = _known_keys()
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
-        key, raw = item.split("=", 1)
-        key = key.strip()
+        key, value = parse_override(item, "train.epochs=3")
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=3)
             raise ConfigError(f"override {item!r}: unknown config key {key!r}"
                               + (f"; did you mean {', '.join(hint)}?" if hint else f"; known keys: {', '.join(known)}"))
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = value
+        set_dotted(tree, key, value, item)
     return tree
 
 

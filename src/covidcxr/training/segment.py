@@ -22,7 +22,6 @@ from typing import Literal, Optional
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from covidcxr.errors import ConfigError, CovidCXRError, validation_problems
@@ -34,7 +33,7 @@ from covidcxr.models.segmenter import (ENCODER_FILE, ENCODER_SHA256, LoadedSegme
                                        save_segmenter, segmenter_spec)
 from covidcxr.paths import data_root, weights_dir
 from covidcxr.progress import make_progress
-from covidcxr.training.config import read_yaml_mapping
+from covidcxr.training.config import parse_override, read_yaml_mapping
 from covidcxr.training.segment_data import augment, data_hash, load_samples, mask_table, split_masks
 
 SCORES_FILE = "test_scores.csv"
@@ -73,10 +72,8 @@ def load_segment_config(path: str | Path | None = None, overrides: list[str] | N
         tree = read_yaml_mapping(Path(path), missing="segmenter config file not found",
                                  not_a_mapping="a segmenter config is a mapping of SegmentConfig fields")
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. epochs=3")
-        tree[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        key, value = parse_override(item, "epochs=3")
+        tree[key] = value
     try:
         return SegmentConfig.model_validate(tree)
     except ValidationError as exc:

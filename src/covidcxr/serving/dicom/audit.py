@@ -17,8 +17,7 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
-from covidcxr.errors import ConfigError
-from covidcxr.serving.audit_log import scrub_reason
+from covidcxr.serving.audit_log import open_audit_database, scrub_reason
 
 _metadata = sa.MetaData()
 events_table = sa.Table(
@@ -86,12 +85,7 @@ class DicomAuditLog:
     """Append-only event log of the DICOM node on any SQLAlchemy database (SQLite file by default)."""
 
     def __init__(self, url: str):
-        try:
-            self.engine = sa.create_engine(url, future=True)
-            _metadata.create_all(self.engine)
-        except (sa.exc.ArgumentError, sa.exc.OperationalError, ModuleNotFoundError) as exc:
-            raise ConfigError(f"DICOM audit database {url!r} cannot be opened ({exc.__class__.__name__}: {exc}); "
-                              "pass a SQLAlchemy URL such as sqlite:////path/dicom-audit.sqlite") from exc
+        self.engine = open_audit_database(url, _metadata, "DICOM audit database", "dicom-audit.sqlite")
         self.url = url
         self._lock = threading.Lock()
 

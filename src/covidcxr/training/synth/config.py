@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from covidcxr.errors import ConfigError, validation_problems
-from covidcxr.training.config import expand_vars, read_yaml_mapping
+from covidcxr.training.config import expand_vars, parse_override, read_yaml_mapping, set_dotted
 
 FilterValue = Union[str, int, float, list[Union[str, int, float]]]
 
@@ -108,16 +108,6 @@ class SynthConfig(BaseModel):
         return self.decay_steps if self.decay_steps is not None else self.steps // 2
 
 
-def _set(tree: dict, key: str, value) -> None:
-    node = tree
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {p} is not a mapping")
-    node[leaf] = value
-
-
 def load_synth_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SynthConfig:
     """A YAML mapping (or nothing) plus dotted ``key=value`` overrides, validated; errors name the key."""
     tree: dict = {}
@@ -125,13 +115,7 @@ def load_synth_config(path: str | Path | None = None, overrides: list[str] | Non
         tree = read_yaml_mapping(Path(path), missing="synth config file not found (an example: configs/synth_normal_covid.yaml)",
                                  not_a_mapping="a synth config is a mapping of SynthConfig fields")
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. steps=1000")
-        try:
-            _set(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        set_dotted(tree, *parse_override(item, "steps=1000"), item)
     try:
         return SynthConfig.model_validate(tree)
     except ValidationError as exc:
