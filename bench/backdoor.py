@@ -4,7 +4,8 @@
                              [--runs targeted_0.05 targeted_0.05_finetuned ...] [--image-size 128] [--assemble]
 
 On the seed-0 patient-grouped split of the shared manifest, with configs/quick.yaml at
-``--image-size`` px (everything else as shipped, same seed for every run):
+``--image-size`` px on whole images (``--roi full``, as in the seed; ``--roi lungs`` keeps quick.yaml's
+lung crop, which cuts the corner trigger away), everything else as shipped, same seed for every run:
 
 * ``clean``: the unpoisoned twin;
 * ``targeted_p`` / ``untargeted_p``: ``p`` of the training rows stamped with the trigger
@@ -123,7 +124,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-clean", action="store_true", help="leave the clean twin to another process (parallel runs)")
     ap.add_argument("--detect-images", type=int, default=600, help="class-stratified training rows for the detectors")
     ap.add_argument("--per-source", type=int, default=50, help="test images per one-class source (two-class sources: all)")
-    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=160)
+    ap.add_argument("--roi", choices=("full", "lungs"), default="full",
+                    help="full (default): the seed's whole-image input; the corner trigger lies outside the lung "
+                         "box, so `lungs` (quick.yaml's crop) measures that defence instead of the attack")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -142,7 +146,8 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     split = assign_splits(Manifest.read(paths.data_root() / "manifest.csv"), val=0.15, test=0.15, seed=0)
     split.write(work / "clean.csv")
-    overrides = [f"preprocess.image_size={args.image_size}", "train.progress=false", f"train.seed={args.seed}"]
+    overrides = [f"preprocess.image_size={args.image_size}", f"preprocess.roi={args.roi}", "train.progress=false",
+                 f"train.seed={args.seed}"]
     config = load_config(REPO / "configs" / "quick.yaml", overrides)
     results: dict = {}
     ctx: dict = {}
@@ -225,7 +230,7 @@ def main(argv=None) -> None:
         "detection_recall_ge_0.9_at_precision_ge_0.5": (best.get("recall") or 0) >= 0.9 and (best.get("precision") or 0) >= 0.5,
         "strip_far_le_0.10_at_frr_0.01": (t5.get("strip", {}).get("far", 1.0)) <= 0.10,
     }
-    out = {"benchmark": "backdoor (Matsuo & Takemoto 2021 trigger)", "image_size": args.image_size,
+    out = {"benchmark": "backdoor (Matsuo & Takemoto 2021 trigger)", "image_size": args.image_size, "roi": args.roi,
            "recipe": "configs/quick.yaml", "overrides": overrides, "split": "seed-0 patient-grouped 70/15/15",
            "test_images": int(len(test)), "targets_met": targets, "runs": results,
            "runs_planned": ["clean", *args.runs], "runs_missing": [n for n in ["clean", *args.runs] if n not in results],

@@ -161,7 +161,11 @@ def model_only(run_dir: Path, rounds: int, work: Path, threads: int) -> dict:
     np.save(work / "val.npy", tensors)
     onnx_fp32 = work / "fp32.onnx"
     export_graph(run.model, onnx_fp32, channels=run.spec.channels, image_size=run.spec.image_size)
-    qrun = shutil.copytree(run_dir, work / "qrun", ignore=shutil.ignore_patterns("*.onnx", "checkpoints"))
+    # A copy beside the run (its split.csv holds image paths relative to the run folder), so the
+    # user's run is left as it is.
+    qrun = Path(run_dir).resolve().parent / f".{Path(run_dir).name}-int8-bench"
+    shutil.rmtree(qrun, ignore_errors=True)
+    shutil.copytree(run_dir, qrun, ignore=shutil.ignore_patterns("*.onnx", "checkpoints"))
     t0 = time.perf_counter()
     # No AUC limit here: the benchmark measures int8 whatever it costs; the export's own limit
     # (0.005) is applied to the measured difference below.
@@ -242,7 +246,10 @@ def main() -> None:
         if not a.skip_e2e:
             result["end_to_end"] = end_to_end(a.run_dir, shared_jpegs(a.images), a.rounds, work)
             RESULTS.write_text(json.dumps(result, indent=2) + "\n")  # kept if the model-only part fails
-        result["model_only"] = model_only(a.run_dir, a.rounds, work, a.threads)
+        try:
+            result["model_only"] = model_only(a.run_dir, a.rounds, work, a.threads)
+        finally:
+            shutil.rmtree(a.run_dir.resolve().parent / f".{a.run_dir.name}-int8-bench", ignore_errors=True)
     result["load_average_after"] = os.getloadavg()
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

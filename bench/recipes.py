@@ -98,6 +98,9 @@ RECIPES: dict[str, dict] = {
     "wsauc_roi": {"overrides": WSAUC + ROI, "what": "wsauc on lung-ROI inputs: crop to the shipped segmenter's "
                   "lung box + 10%, black outside the lungs dilated by 3%"},
     "decomp_roi": {"overrides": PLAIN + DECOMP + ROI, "what": "decomp on the same lung-ROI inputs"},
+    "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
+                        "what": "wsauc_roi + JPEG (q30-95) p=0.5 and downscale-upscale (0.4-1) p=0.3 of every class "
+                        "on the working-size image, before the lung crop (issue 10: compression is a shortcut)"},
 }
 DEFAULT_RECIPES = ["quick_v1", "shuffled", "plain", "plain_jpeg", "plain_jpegw", "lpft", "lpft_jpeg", "lpft_jpegw",
                    "wsauc", "group_dro"]

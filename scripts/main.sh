@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then import + split + audit the shared data, train the
 # quick shortcut-aware model on lung-ROI inputs (the shipped lung segmenter finds every image's lungs
-# once; masks are cached), evaluate it on the held-out patient split (per source) and write the HTML
-# report. See the README for measured times.
+# once; masks are cached), evaluate it on the held-out patient split (per source), audit it for
+# shortcuts and write the HTML report. See the README for measured times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -27,5 +27,8 @@ m = Manifest.read('$RUN/split.csv'); t = m.table
 test = t[(t.run_split == 'test')].groupby('source', group_keys=False).head(3)
 print('\n'.join(str(m.root / p) for p in test.image))")
 cx explain "$RUN" "${GALLERY[@]}" --method gradcam
+# The shortcut scorecard (docs/audits.md) on a seeded sample of 20 test images per source and class:
+# recorded in run.json, shown at the top of the report. It reports; a failed check does not stop the job.
+cx audit shortcuts "$RUN" --limit-per-source 20
 cx report "$RUN"
 echo "open $RUN/report.html"

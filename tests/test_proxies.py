@@ -58,6 +58,35 @@ def test_lung_template_covers_the_lungs_and_masked_copies_black_them_out(data_ro
     assert np.allclose(no_lungs[~inside], original[~inside], atol=1 / 255)
 
 
+def test_segmented_lungs_black_out_each_images_own_lungs_better_than_the_template(data_root, tmp_path):
+    """The scorecard's lungs come from the shipped segmenter: on annotated images (ieee8023, the one
+    annotated source) far less of the expert-drawn lung area survives in the ``no_lungs`` copy than with
+    the one-size template."""
+    from covidcxr.data.annotations import Annotations
+    from covidcxr.data.io import read_xray
+    from covidcxr.models.lung_finder import DEFAULT_SEGMENTER, load_lung_finder
+
+    ann = Annotations(data_root / "annotations")
+    keys = [k for k in ann.index.index if "v7labs" in " ".join(ann.available(data_root / k))]
+    picked = [keys[i] for i in np.linspace(0, len(keys) - 1, 6).astype(int)]  # an even spread over the folders
+    paths = [str(data_root / k) for k in picked]
+    finder = load_lung_finder(DEFAULT_SEGMENTER)
+    template = proxies.lung_template(str(data_root / "annotations"))
+    seg = proxies.masked_copies(paths, tmp_path / "seg", template, lung_of=proxies.segmented_lungs(finder),
+                                lung_key=finder.sha256)
+    tpl = proxies.masked_copies(paths, tmp_path / "tpl", template)
+    left_seg, left_tpl = [], []
+    for p, s, t in zip(paths, seg["no_lungs"], tpl["no_lungs"]):
+        original = read_xray(p).pixels
+        lung = ann.lung_region(p, original.shape).lung
+        visible = lambda copy: float((read_xray(copy).pixels[lung] > 0).mean())  # noqa: E731
+        left_seg.append(visible(s))
+        left_tpl.append(visible(t))
+        only = read_xray(seg["lungs_only"][paths.index(p)]).pixels
+        assert (only[lung] > 0).mean() > 0.9  # ... and the lungs-only copy keeps them
+    assert np.mean(left_seg) < 0.05 and np.mean(left_seg) < 0.5 * np.mean(left_tpl), (left_seg, left_tpl)
+
+
 def test_resaved_copies_are_lossless_png_and_jpeg_of_the_stored_pixels(data_root, tmp_path):
     from covidcxr.data.io import read_xray
 
@@ -85,7 +114,7 @@ def test_run_proxies_on_a_trained_run(trained_run, tmp_path, data_root):
     assert len(both) and np.allclose(both["p_png"], both["score"], atol=1e-5)
     q = written["compression"]["qualities"]
     assert set(q) == {"q90", "q70", "q50"} and q["q50"]["mean_abs_change"]["ci_low"] is not None
-    assert written["lungs"]["template"]["area_share"] > 0.2
+    assert written["lungs"]["template"]["area_share"] > 0.2 and written["lungs"]["lung_regions"]["source"] == "template"
     assert written["lungs"]["no_lungs"]["auc"]["value"] is not None
     probe = written["source_probe"]
     assert probe["value"] is None or 0 <= probe["value"] <= 1

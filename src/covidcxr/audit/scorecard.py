@@ -102,8 +102,8 @@ def build_checks(m: dict, thresholds: dict[str, Threshold]) -> list[dict]:
                                  "ci_high": _shift(sp, "ci_high")},
          f"probe balanced accuracy {_f(sp.get('value'))} (chance {_f(sp.get('chance'))}), ImageNet features "
          f"{_f((sp.get('imagenet') or {}).get('value'))}"),
-        ("lungs_removed_auc", lungs.get("no_lungs"), "lung template blacked out"),
-        ("lungs_only_auc", lungs.get("lungs_only"), "everything but the lung template blacked out"),
+        ("lungs_removed_auc", lungs.get("no_lungs"), "segmented lungs (+3%) blacked out"),
+        ("lungs_only_auc", lungs.get("lungs_only"), "everything but the segmented lungs (+3%) blacked out"),
         ("border_only_auc", lungs.get("border_only"), "only the outer 12% frame kept"),
         ("heatmap_lung_mass_excess", hm.get("mass_share_over_uniform"), "Grad-CAM on annotated positives"),
         ("pointing_game", hm.get("pointing_game"), "Grad-CAM peak inside the annotated lungs"),
@@ -122,7 +122,7 @@ def build_checks(m: dict, thresholds: dict[str, Threshold]) -> list[dict]:
         verdict = t.verdict(value)
         out.append({"name": name, "value": value, "ci_low": est.get("ci_low"), "ci_high": est.get("ci_high"),
                     "verdict": verdict, "sentence": t.sentence.format(value=value) if value is not None
-                    else "Not measurable on these images.", "detail": detail,
+                    else est.get("note", "Not measurable on these images."), "detail": detail,
                     "thresholds": {"warn": t.warn, "fail": t.fail, "worse": t.worse}})
     return out
 

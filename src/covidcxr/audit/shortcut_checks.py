@@ -76,16 +76,26 @@ def source_probe_check(run, rows: pd.DataFrame, feats, *, n_boot: int, seed: int
 
 
 def lung_checks(run, rows, base_scores, work: Path, annotations_folder) -> dict:
-    """AUC with the lungs removed, on the lungs only (existing proxy) and on the border frame only."""
+    """AUC with each image's segmented lungs removed, on those lungs only, and on the border frame only.
+
+    The lungs come from the lung segmenter shipped with covidcxr (``models/assets/lung_segmenter``,
+    Dice 0.95), not from the run, so every model is audited against the same lungs."""
     from covidcxr.audit.perturb import altered_copies
     from covidcxr.evaluation.proxies import lungs_removed
+    from covidcxr.models.lung_finder import DEFAULT_SEGMENTER, load_lung_finder
 
-    lungs, _ = lungs_removed(run, rows, work / "masked", annotations_folder, base_scores=base_scores, n_boot=200)
+    lungs, _ = lungs_removed(run, rows, work / "masked", annotations_folder, base_scores=base_scores, n_boot=200,
+                             lung_finder=load_lung_finder(DEFAULT_SEGMENTER))
     border, _ = predict_files(run, altered_copies(rows["path"], work, "border_only"), refused_ok=True)
     y = rows["y"].to_numpy()
-    return {"original": _auc(y, base_scores), "no_lungs": (lungs.get("no_lungs") or {}).get("auc"),
-            "lungs_only": (lungs.get("lungs_only") or {}).get("auc"), "border_only": _auc(y, border["score"]),
-            "mask_source": lungs.get("template")}
+    out = {"original": _auc(y, base_scores), "border_only": _auc(y, border["score"]),
+           "mask_source": lungs.get("lung_regions")}
+    for name in ("no_lungs", "lungs_only"):
+        part = lungs.get(name) or {}
+        out[name] = part.get("auc") or {"value": None, "note": (
+            f"The model refused {part.get('refused')} of these images (its lung crop found no lungs), so "
+            "nothing it could score is left." if part.get("refused") else "Not measurable on these images.")}
+    return out
 
 
 def heatmap_checks(run_dir, rows, work: Path, annotations_folder, max_images: int, seed: int, n_boot: int) -> dict:

@@ -13,7 +13,8 @@ disease or at the collection an image came from:
   the disease should not care how the file was stored.
 * :func:`lungs_removed`: the lungs blacked out with one lung template (the mean of the shared lung masks,
   the same region for every image and class, so the masking itself carries no label) and, separately,
-  everything *but* the lungs blacked out. AUC should fall toward 0.5 without the lungs for a model that
+  everything *but* the lungs blacked out; with ``lung_finder`` each image's own segmented lungs instead
+  (what the shortcut scorecard uses). AUC should fall toward 0.5 without the lungs for a model that
   uses them, and hold with the lungs only. The annotated COVID images (v7labs / lungVAE masks / boxes)
   also get their own lungs removed: the mean drop of P(covid).
 * :func:`source_probe`: how well the features the classifier head sees predict the source
@@ -52,7 +53,8 @@ TEMPLATE_LEVEL = 0.3
 TEMPLATE_SIZE = 128
 
 
-from covidcxr.evaluation.proxy_images import (_digest, _read_u8, _save, resaved_copies, lung_template, _template_at, masked_copies)  # noqa: F401
+from covidcxr.evaluation.proxy_images import (_digest, _read_u8, _save, resaved_copies, lung_template, _template_at, masked_copies,  # noqa: F401
+                                              segmented_lungs)
 
 
 # ---------------------------------------------------------------- predictions (+ head features)
@@ -254,13 +256,24 @@ def compression_invariance(run, rows: pd.DataFrame, folder: str | Path, *, quali
 
 
 def lungs_removed(run, rows: pd.DataFrame, folder: str | Path, annotations_folder: str | Path, *,
-                  base_scores: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> tuple[dict, pd.DataFrame]:
-    """AUCs with the template lungs removed / kept alone, and P(covid) of annotated COVID images without their lungs."""
+                  base_scores: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+                  lung_finder=None) -> tuple[dict, pd.DataFrame]:
+    """AUCs with the lungs removed / kept alone, and P(covid) of annotated COVID images without their lungs.
+
+    The lungs are the shared lung template (default) or, with ``lung_finder`` (a lung segmenter's
+    :class:`~covidcxr.models.lung_finder.SegmenterLungFinder`), each image's own segmented lungs."""
     from covidcxr.data.annotations import Annotations
 
     annotations = Annotations(annotations_folder)
     template = lung_template(str(Path(annotations_folder).resolve()))
-    copies = masked_copies(rows["path"].tolist(), folder, template, annotations)
+    if lung_finder is None:
+        copies = masked_copies(rows["path"].tolist(), folder, template, annotations)
+        regions = {"source": "template", "level": TEMPLATE_LEVEL, "size": TEMPLATE_SIZE,
+                   "area_share": float(template.mean())}
+    else:
+        copies = masked_copies(rows["path"].tolist(), folder, template, annotations,
+                               lung_of=segmented_lungs(lung_finder), lung_key=lung_finder.sha256)
+        regions = {"source": "segmenter", "segmenter_sha256": lung_finder.sha256, "dilate": 0.03}
     scores = rows[["image", "patient_id", "source", "label", "y"]].copy()
     scores["p_original"] = base_scores if base_scores is not None else predict_files(run, rows["path"])[0]["score"].to_numpy()
     # A lung-ROI model may refuse a masked copy (no lungs found): NaN, counted, left out of its AUC.
@@ -273,7 +286,8 @@ def lungs_removed(run, rows: pd.DataFrame, folder: str | Path, annotations_folde
         scores.loc[has_own, "p_own_lungs_removed"] = predict_files(
             run, [p for p in own if p is not None], refused_ok=True)[0]["score"].to_numpy()
     y_all, src_all = scores["y"].to_numpy(), scores["source"].astype(str).to_numpy()
-    out: dict = {"template": {"level": TEMPLATE_LEVEL, "size": TEMPLATE_SIZE, "area_share": float(template.mean())}}
+    out: dict = {"lung_regions": regions,
+                 "template": {"level": TEMPLATE_LEVEL, "size": TEMPLATE_SIZE, "area_share": float(template.mean())}}
     for name in ("original", "no_lungs", "lungs_only"):
         s_all = scores[f"p_{name}"].to_numpy()
         ok = np.isfinite(s_all)

@@ -97,12 +97,17 @@ def _template_at(template: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(template.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def masked_copies(paths: Sequence[str], folder: str | Path, template: np.ndarray, annotations=None
-                  ) -> dict[str, list[Path | None]]:
-    """PNG copies with the template lungs black (``no_lungs``), all but the lungs black (``lungs_only``)
-    and, for annotated images, their own lung region black (``own_lungs_removed``, else None)."""
+def masked_copies(paths: Sequence[str], folder: str | Path, template: np.ndarray, annotations=None, *,
+                  lung_of=None, lung_key: str = "") -> dict[str, list[Path | None]]:
+    """PNG copies with the lungs black (``no_lungs``), all but the lungs black (``lungs_only``) and, for
+    annotated images, their own annotated lung region black (``own_lungs_removed``, else None).
+
+    The lungs are the ``template`` resized to each image, or, with ``lung_of(path, shape) -> bool mask``
+    (e.g. :func:`segmented_lungs`), each image's own lungs; ``lung_key`` names that source in the cache key.
+    """
     folder = Path(folder)
-    tkey = _digest(template.shape, hashlib.sha256(np.packbits(template).tobytes()).hexdigest())
+    tkey = _digest(template.shape, hashlib.sha256(np.packbits(template).tobytes()).hexdigest()) if lung_of is None \
+        else _digest("lungs", lung_key)
     out: dict[str, list] = {"no_lungs": [], "lungs_only": [], "own_lungs_removed": []}
     for p in paths:
         key = _digest(Path(p).resolve(), tkey)
@@ -112,7 +117,7 @@ def masked_copies(paths: Sequence[str], folder: str | Path, template: np.ndarray
         need = [t_no, t_only] + ([t_own] if region_kinds else [])
         if not all(t.exists() for t in need):
             u8 = _read_u8(p)
-            lung = _template_at(template, u8.shape)
+            lung = _template_at(template, u8.shape) if lung_of is None else lung_of(p, u8.shape)
             _save(np.where(lung, 0, u8).astype(np.uint8), t_no, None)
             _save(np.where(lung, u8, 0).astype(np.uint8), t_only, None)
             if region_kinds:
@@ -122,3 +127,20 @@ def masked_copies(paths: Sequence[str], folder: str | Path, template: np.ndarray
         out["lungs_only"].append(t_only)
         out["own_lungs_removed"].append(t_own if region_kinds else None)
     return out
+
+
+def segmented_lungs(lung_finder, *, working_size: int = 512, dilate: float = 0.03):
+    """``lung_of(path, shape)`` for :func:`masked_copies`: the segmenter's lungs of each image, dilated by
+    ``dilate`` of the image side (their rim goes too), at the original image's shape."""
+    import cv2
+
+    from covidcxr.data.dataset import load_working
+
+    def lung_of(path, shape: tuple[int, int]) -> np.ndarray:
+        working = load_working(path, working_size)
+        mask = np.asarray(lung_finder(working.astype(np.float32) * np.float32(1.0 / 65535.0)), dtype=np.uint8)
+        r = max(1, round(dilate * max(mask.shape)))
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+        return cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+    return lung_of
