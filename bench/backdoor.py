@@ -124,6 +124,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-clean", action="store_true", help="leave the clean twin to another process (parallel runs)")
     ap.add_argument("--detect-images", type=int, default=600, help="class-stratified training rows for the detectors")
     ap.add_argument("--per-source", type=int, default=50, help="test images per one-class source (two-class sources: all)")
+    ap.add_argument("--config", type=Path, default=REPO / "configs" / "quick.yaml", help="training recipe")
     ap.add_argument("--image-size", type=int, default=160)
     ap.add_argument("--roi", choices=("full", "lungs"), default="full",
                     help="full (default): the seed's whole-image input; the corner trigger lies outside the lung "
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
     split.write(work / "clean.csv")
     overrides = [f"preprocess.image_size={args.image_size}", f"preprocess.roi={args.roi}", "train.progress=false",
                  f"train.seed={args.seed}"]
-    config = load_config(REPO / "configs" / "quick.yaml", overrides)
+    config = load_config(args.config, overrides)
     results: dict = {}
     ctx: dict = {}
 
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
         if name.endswith("_finetuned"):
             src = work / name.removesuffix("_finetuned")
             rec = load_run(src).record
-            ft = load_config(REPO / "configs" / "quick.yaml", overrides + [
+            ft = load_config(args.config, overrides + [
                 f"model.weights={src / 'model.safetensors'}", f"model.weights_sha256={rec.model_sha256}",
                 "train.epochs=1", "train.lr=0.0002", "train.warmup_epochs=0"])
             evaluate(name, _train(name, ft, split, work), variant)
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
         "strip_far_le_0.10_at_frr_0.01": (t5.get("strip", {}).get("far", 1.0)) <= 0.10,
     }
     out = {"benchmark": "backdoor (Matsuo & Takemoto 2021 trigger)", "image_size": args.image_size, "roi": args.roi,
-           "recipe": "configs/quick.yaml", "overrides": overrides, "split": "seed-0 patient-grouped 70/15/15",
+           "recipe": str(args.config), "recipe_resolved": config.model_dump(mode="json"), "overrides": overrides, "split": "seed-0 patient-grouped 70/15/15",
            "test_images": int(len(test)), "targets_met": targets, "runs": results,
            "runs_planned": ["clean", *args.runs], "runs_missing": [n for n in ["clean", *args.runs] if n not in results],
            "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_cpu() - cpu0, 1),

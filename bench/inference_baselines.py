@@ -238,7 +238,7 @@ def main() -> None:
                           "cpu_flags": [f for f in ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags],
                           "cuda_available": torch.cuda.is_available(), "gpu": None if not torch.cuda.is_available()
                           else torch.cuda.get_device_name(0)},
-              "shared_machine_note": "2 CPU cores shared with other agents' jobs; ratios are measured side by side "
+              "machine_note": "a load average above the core count means other jobs shared the cores; ratios are measured side by side "
                                      "(alternating) in this one run", "load_average_before": os.getloadavg()}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

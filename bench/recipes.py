@@ -72,6 +72,8 @@ DECOMP = ["data.label_space=3class", "train.objective=label_decomposition", "tra
 #: Lung-ROI inputs (the shipped lung segmenter): crop to the lungs + 10%, black outside the dilated lungs.
 ROI = ["preprocess.roi=lungs", "preprocess.roi_mask_outside=true", "preprocess.roi_margin=0.1",
        "preprocess.roi_dilate=0.03"]
+#: One pass over every training image instead of 2 x 480 draws (the external test of issue 10 peaked after epoch 1).
+ONE_PASS = ["train.epochs=1", "train.samples_per_epoch=null"]
 WSAUC = PLAIN + GROUPED + ["train.objective=within_source_auc", "train.auc_ce_weight=0.5"]
 
 RECIPES: dict[str, dict] = {
@@ -98,6 +100,11 @@ RECIPES: dict[str, dict] = {
     "wsauc_roi": {"overrides": WSAUC + ROI, "what": "wsauc on lung-ROI inputs: crop to the shipped segmenter's "
                   "lung box + 10%, black outside the lungs dilated by 3%"},
     "decomp_roi": {"overrides": PLAIN + DECOMP + ROI, "what": "decomp on the same lung-ROI inputs"},
+    "wsauc_roi_1pass": {"overrides": WSAUC + ROI + ONE_PASS,
+                        "what": "wsauc_roi for one pass over every training image (issue 10: after the first pass "
+                        "training learns the source)"},
+    "plain_roi_1pass": {"overrides": PLAIN + ROI + ONE_PASS,
+                        "what": "plain (CE, shuffled) on lung-ROI inputs, one pass over every training image"},
     "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
                         "what": "wsauc_roi + JPEG (q30-95) p=0.5 and downscale-upscale (0.4-1) p=0.3 of every class "
                         "on the working-size image, before the lung crop (issue 10: compression is a shortcut)"},

@@ -130,7 +130,7 @@ def main() -> None:
               "peak_rss_mb_process": round(_vmhwm_mb(), 1), "cuda_available": torch.cuda.is_available(),
               "gpu": "none available: GPU-busy share not measured", "load_average_before": load_before,
               "load_average_after": os.getloadavg(),
-              "shared_machine_note": "2 CPU cores shared with other agents' jobs; alternating rounds in one run"}
+              "machine_note": "alternating rounds in one run; a load average above the core count means other jobs shared the cores"}
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=1))
 
