@@ -95,8 +95,10 @@ def test_orthanc_sends_studies_and_gets_sr_and_overlay_back(run_dir, pacs, analy
         for obj in reports + overlays:
             assert obj.StudyInstanceUID == source.StudyInstanceUID
             assert (obj.PatientID, str(obj.PatientName)) == (source.PatientID, str(source.PatientName))
-        assert read_report(reports[0])["probabilities"]["covid"] == pytest.approx(expected[str(path)], rel=1e-6,
-                                                                                  abs=1e-9)
+        # The node scores one image at a time and `predict` in batches: float32 kernels for different
+        # batch sizes sum in different orders (1.1e-5 relative on one fresh machine), so not bit-equal.
+        assert read_report(reports[0])["probabilities"]["covid"] == pytest.approx(expected[str(path)], rel=1e-4,
+                                                                                  abs=1e-7)
     processed = [r for r in audit if r["event"] == "processed"]
     assert len(processed) == 4 and all(r["results_sent"] == 2 for r in processed)
     text = repr(audit)

@@ -1,0 +1,81 @@
+"""Why int8 loses validation AUC: ``covidcxr export --quantize int8`` variants on one run, side by side.
+
+    .venv/bin/python bench/int8_variants.py --run-dir RUN [--out bench/results/int8_variants.json]
+
+Each variant quantises a copy of the run (beside it: its split.csv holds paths relative to the run
+folder) with :func:`covidcxr.serving.onnx_quantize.quantize_run` and no AUC limit, changing only
+which operators are quantised and how activations are calibrated (ONNX Runtime's MinMax, or
+Percentile 99.99). It records fp32 and int8 validation AUC and the largest probability change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "int8_variants.json"
+VARIANTS = {
+    "shipped: Conv+Gemm+MatMul, MinMax": (["Conv", "Gemm", "MatMul"], "MinMax"),
+    "Conv only (classifier head float), MinMax": (["Conv"], "MinMax"),
+    "Conv+Gemm+MatMul, Percentile 99.99": (["Conv", "Gemm", "MatMul"], "Percentile"),
+}
+
+
+def quantize_variant(run_dir: Path, ops: list[str], method: str) -> dict:
+    import onnxruntime.quantization as oq
+
+    import covidcxr.serving.onnx_quantize as q
+    from covidcxr.models.record import read_run_record
+
+    copy = run_dir.resolve().parent / f".{run_dir.name}-int8-variant"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.onnx", "checkpoints"))
+    original_ops, original = list(q.QUANTIZED_OPS), oq.quantize_static
+
+    def quantize_static(*args, **kwargs):
+        kwargs["calibrate_method"] = getattr(oq.CalibrationMethod, method)
+        if method == "Percentile":
+            kwargs["extra_options"] = {"CalibPercentile": 99.99}
+        return original(*args, **kwargs)
+
+    q.QUANTIZED_OPS[:] = ops
+    oq.quantize_static = quantize_static
+    t0 = time.perf_counter()
+    try:
+        q.quantize_run(copy, max_auc_drop=float("inf"))
+        info = read_run_record(copy).info["onnx_quantization"]
+    finally:
+        q.QUANTIZED_OPS[:] = original_ops
+        oq.quantize_static = original
+        shutil.rmtree(copy, ignore_errors=True)
+    return {"ops": ops, "calibration": method, "seconds": round(time.perf_counter() - t0, 1),
+            **{k: info[k] for k in ("val_auc_fp32", "val_auc_int8", "auc_difference", "max_abs_prob_diff_int8_vs_fp32")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args()
+    from covidcxr.models.record import read_run_record
+
+    record = read_run_record(a.run_dir)
+    results = {}
+    for name, (ops, method) in VARIANTS.items():
+        results[name] = quantize_variant(a.run_dir, ops, method)
+        print(name, json.dumps(results[name]), flush=True)
+    out = {"benchmark": "int8_variants", "run_dir": str(a.run_dir), "model_sha256": record.model_sha256,
+           "objective": record.info.get("objective"),
+           "variants": results, "load_average": os.getloadavg()}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
