@@ -110,3 +110,44 @@ def test_invalid_content_is_a_clear_error(run_dir):
         RunRecord.model_validate({**record.model_dump(exclude={"integrity"}), "positive_class": "flu"})
     with pytest.raises(ValueError, match="probability"):
         RunRecord.model_validate({**record.model_dump(exclude={"integrity"}), "threshold": float("nan")})
+
+
+def test_a_runs_split_reads_images_where_its_training_manifest_could_and_nowhere_else(data_root, tmp_path):
+    """A run trained on a manifest that keeps its images in its own folder (outside the data root, like
+    the backdoor benchmark's stamped copies) can still evaluate its own split.csv; without the recorded
+    image roots the same rows are refused."""
+    import shutil
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from covidcxr.data.manifest import Manifest
+    from covidcxr.errors import ManifestError
+    from covidcxr.evaluation.evaluate import run_manifest
+    from covidcxr.training.finalize import write_split
+
+    from pathlib import Path
+
+    shared = Manifest.read(data_root / "manifest.csv")
+    sub = shared.subset(mask=shared.table.index.isin(shared.table.groupby("label").head(2).index))
+    folder = tmp_path / "elsewhere"
+    (folder / "images").mkdir(parents=True)
+    sources = sub.image_paths()
+    for i, p in enumerate(sources):
+        shutil.copyfile(p, folder / "images" / f"{i}{p.suffix}")
+    rows = sub.table.reset_index(drop=True).assign(
+        image=[f"images/{i}{p.suffix}" for i, p in enumerate(sources)],
+        split=["train", "test"] * (len(sources) // 2) + ["train"] * (len(sources) % 2))
+    Manifest(rows, root=folder, name="m.csv").write(folder / "m.csv")
+    manifest = Manifest.read(folder / "m.csv")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recorded = write_split(run_dir, manifest, manifest.table["split"].to_numpy())
+    assert str(folder.resolve()) in recorded.image_roots
+    run = SimpleNamespace(record=SimpleNamespace(split=recorded), run_dir=run_dir)
+    paths = run_manifest(run).image_paths(check_root=True)
+    assert [p.name for p in paths] == [Path(i).name for i in rows["image"]] and all(p.is_file() for p in paths)
+    bare = SimpleNamespace(record=SimpleNamespace(split=recorded.model_copy(update={"image_roots": []})), run_dir=run_dir)
+    with pytest.raises(ManifestError, match="outside the data root"):
+        run_manifest(bare).image_paths(check_root=True)
+    assert np.array_equal(run_manifest(run).table["split"].to_numpy(), manifest.table["split"].to_numpy())

@@ -216,6 +216,9 @@ def run_manifest(run: LoadedRun) -> Manifest:
         raise CovidCXRError(f"{path}: missing or changed since training (SHA-256 differs from run.json); "
                             "pass --manifest explicitly")
     manifest = Manifest.read(path)
+    if rec.image_roots:  # where the training manifest could read its images (e.g. its own folder)
+        manifest = Manifest(manifest.table, root=manifest.root, name=manifest.name,
+                            data_roots=(manifest.root, *(Path(r) for r in rec.image_roots)))
     table = manifest.table.copy()
     table["split"] = table[rec.column].astype(str).where(table[rec.column].astype(str).isin(SPLITS), "")
     return manifest.replace(table)

@@ -72,6 +72,9 @@ class RunSplit(_Strict):
     sha256: str = Field(pattern=_SHA256)
     column: str  # the column of split.csv that holds train / val / test / external
     counts: dict[str, int] = {}
+    # The folders the training manifest's images were allowed to lie in (its own folder and the data
+    # root): split.csv, written in the run directory, may read its rows from there and nowhere else.
+    image_roots: list[str] = []
 
 
 class Integrity(_Strict):

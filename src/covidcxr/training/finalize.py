@@ -48,7 +48,8 @@ def write_split(out_dir: Path, manifest: Manifest, run_split: np.ndarray) -> Run
     manifest.replace(manifest.table.assign(**{RUN_SPLIT_COLUMN: run_split})).write(path)
     counts = pd.Series(run_split).value_counts().sort_index()
     return RunSplit(sha256=sha256_file(path), column=RUN_SPLIT_COLUMN,
-                    counts={str(k): int(v) for k, v in counts.items()})
+                    counts={str(k): int(v) for k, v in counts.items()},
+                    image_roots=[str(r) for r in manifest.allowed_roots()])
 
 
 def finalize_run(config: TrainingConfig, out_dir: Path, model: nn.Module, spec: PreprocessSpec, space: LabelSpace,
