@@ -39,6 +39,20 @@ PY = sys.executable
 BACKENDS = ["eager_fp32", "eager_fp32_channels_last", "eager_bf16", "onnx_fp32", "onnx_int8"]
 
 
+
+def sibling_path(run_dir: Path, tag: str) -> Path:
+    return Path(run_dir).resolve().parent / f".{Path(run_dir).name}-{tag}"
+
+
+def sibling_copy(run_dir: Path, tag: str) -> Path:
+    """A scratch copy of the run beside it (its split.csv holds image paths relative to the run folder,
+    so a copy elsewhere would not find the validation images); the user's run is left as it is."""
+    out = sibling_path(run_dir, tag)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("*.onnx", "checkpoints"))
+    return out
+
+
 def _vmhwm_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -161,11 +175,7 @@ def model_only(run_dir: Path, rounds: int, work: Path, threads: int) -> dict:
     np.save(work / "val.npy", tensors)
     onnx_fp32 = work / "fp32.onnx"
     export_graph(run.model, onnx_fp32, channels=run.spec.channels, image_size=run.spec.image_size)
-    # A copy beside the run (its split.csv holds image paths relative to the run folder), so the
-    # user's run is left as it is.
-    qrun = Path(run_dir).resolve().parent / f".{Path(run_dir).name}-int8-bench"
-    shutil.rmtree(qrun, ignore_errors=True)
-    shutil.copytree(run_dir, qrun, ignore=shutil.ignore_patterns("*.onnx", "checkpoints"))
+    qrun = sibling_copy(run_dir, "int8-bench")
     t0 = time.perf_counter()
     # No AUC limit here: the benchmark measures int8 whatever it costs; the export's own limit
     # (0.005) is applied to the measured difference below.
@@ -249,7 +259,7 @@ def main() -> None:
         try:
             result["model_only"] = model_only(a.run_dir, a.rounds, work, a.threads)
         finally:
-            shutil.rmtree(a.run_dir.resolve().parent / f".{a.run_dir.name}-int8-bench", ignore_errors=True)
+            shutil.rmtree(sibling_path(a.run_dir, "int8-bench"), ignore_errors=True)
     result["load_average_after"] = os.getloadavg()
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

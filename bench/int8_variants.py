@@ -2,10 +2,9 @@
 
     .venv/bin/python bench/int8_variants.py --run-dir RUN [--out bench/results/int8_variants.json]
 
-Each variant quantises a copy of the run (beside it: its split.csv holds paths relative to the run
-folder) with :func:`covidcxr.serving.onnx_quantize.quantize_run` and no AUC limit, changing only
-which operators are quantised and how activations are calibrated (ONNX Runtime's MinMax, or
-Percentile 99.99). It records fp32 and int8 validation AUC and the largest probability change.
+Each variant quantises a copy of the run beside it with :func:`covidcxr.serving.onnx_quantize.quantize_run`
+and no AUC limit, changing only which operators are quantised (``ops``) and how activations are
+calibrated (``calibration``: ONNX Runtime's MinMax, or Percentile 99.99). It records fp32 and int8 validation AUC and the largest probability change.
 """
 
 from __future__ import annotations
@@ -14,10 +13,14 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from inference_baselines import sibling_copy  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "int8_variants.json"
 VARIANTS = {
     "shipped: Conv+Gemm+MatMul, MinMax": (["Conv", "Gemm", "MatMul"], "MinMax"),
@@ -27,31 +30,15 @@ VARIANTS = {
 
 
 def quantize_variant(run_dir: Path, ops: list[str], method: str) -> dict:
-    import onnxruntime.quantization as oq
-
-    import covidcxr.serving.onnx_quantize as q
     from covidcxr.models.record import read_run_record
+    from covidcxr.serving.onnx_quantize import quantize_run
 
-    copy = run_dir.resolve().parent / f".{run_dir.name}-int8-variant"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.onnx", "checkpoints"))
-    original_ops, original = list(q.QUANTIZED_OPS), oq.quantize_static
-
-    def quantize_static(*args, **kwargs):
-        kwargs["calibrate_method"] = getattr(oq.CalibrationMethod, method)
-        if method == "Percentile":
-            kwargs["extra_options"] = {"CalibPercentile": 99.99}
-        return original(*args, **kwargs)
-
-    q.QUANTIZED_OPS[:] = ops
-    oq.quantize_static = quantize_static
+    copy = sibling_copy(run_dir, "int8-variant")
     t0 = time.perf_counter()
     try:
-        q.quantize_run(copy, max_auc_drop=float("inf"))
+        quantize_run(copy, max_auc_drop=float("inf"), ops=ops, calibration=method)
         info = read_run_record(copy).info["onnx_quantization"]
     finally:
-        q.QUANTIZED_OPS[:] = original_ops
-        oq.quantize_static = original
         shutil.rmtree(copy, ignore_errors=True)
     return {"ops": ops, "calibration": method, "seconds": round(time.perf_counter() - t0, 1),
             **{k: info[k] for k in ("val_auc_fp32", "val_auc_int8", "auc_difference", "max_abs_prob_diff_int8_vs_fp32")}}

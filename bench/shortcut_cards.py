@@ -39,8 +39,7 @@ def source_labelled(manifest_path: Path, out: Path) -> tuple[Path, list[str]]:
     t = m.table.copy()
     covid_sources = sorted(t.loc[t["label"] == "covid", "source"].astype(str).unique())
     t["label"] = t["source"].astype(str).isin(covid_sources).map({True: "covid", False: "normal"})
-    # image paths stay valid: the copy is written beside the original manifest
-    Manifest(t, root=m.root, name=out.name).write(out)
+    m.replace(t).write(out)  # write() re-roots the image paths at the new file's folder
     return out, covid_sources
 
 
@@ -66,7 +65,7 @@ def main(argv=None) -> None:
     from covidcxr.training.loop import fit
 
     a.work.mkdir(parents=True, exist_ok=True)
-    labelled, covid_sources = source_labelled(a.manifest, a.manifest.parent / "split_source_label.csv")
+    labelled, covid_sources = source_labelled(a.manifest, a.work / "split_source_label.csv")
     shortcut_run = a.work / "source_detector"
     t0 = time.perf_counter()
     if not (shortcut_run / "run.json").is_file():

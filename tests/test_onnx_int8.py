@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from serving_helpers import sample_paths, serving_run
 
@@ -49,7 +50,7 @@ def test_int8_export_is_measured_recorded_and_used_by_the_onnx_backend(run_copy,
     int8 = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + 16]})[0] for i in range(0, len(x), 16)])
     k = classes.index(run.positive_class)
     assert roc_auc_score(targets == k, int8[:, k]) == pytest.approx(q["val_auc_int8"], abs=1e-9)
-    torch_probs = run.predict_tensor(__import__("torch").from_numpy(x))
+    torch_probs = run.predict_tensor(torch.from_numpy(x))
     assert np.abs(int8 - torch_probs).max() == pytest.approx(
         q["max_abs_prob_diff_int8_vs_fp32"], abs=max(1e-3, 0.05 * q["max_abs_prob_diff_int8_vs_fp32"]))
 

@@ -56,7 +56,8 @@ def lung_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
     return max(0, top - dy), max(0, left - dx), min(h, bottom + dy), min(w, right + dx)
 
 
-def _dilated(mask: np.ndarray, share: float) -> np.ndarray:
+def dilated(mask: np.ndarray, share: float) -> np.ndarray:
+    """The bool ``mask`` grown by ``share`` of its longer side (an elliptical kernel)."""
     radius = round(share * max(mask.shape))
     if radius < 1:
         return mask
@@ -76,7 +77,7 @@ def roi_from_mask(mask: np.ndarray, spec, name: str) -> LungROI:
         if spec.roi_fallback == "reject":
             raise ImageReadError(name, reason)
         return LungROI(box=(0, 0, h, w), lung_fraction=fraction, fallback=reason)
-    keep = _dilated(mask, spec.roi_dilate) if spec.roi_mask_outside else None
+    keep = dilated(mask, spec.roi_dilate) if spec.roi_mask_outside else None
     return LungROI(box=lung_box(mask, spec.roi_margin), lung_fraction=fraction, keep=keep)
 
 
@@ -87,12 +88,17 @@ def locate_lungs(working: np.ndarray, spec, lung_finder: LungFinder | None, name
     if lung_finder is None:
         raise ConfigError(f"{name}: the preprocessing spec crops to the lungs (roi: lungs) but no lung segmenter "
                           "was given; load the run with load_run() (it brings RUN/segmenter) or pass lung_finder")
+    return roi_from_mask(find_lungs(working, lung_finder, name), spec, name)
+
+
+def find_lungs(working: np.ndarray, lung_finder: LungFinder, name: str) -> np.ndarray:
+    """The finder's bool lung mask of a uint16 working image (same shape)."""
     # The finder sees the working image as float [0, 1], as preprocess.dequantise gives it (not imported:
     # the preprocessing module imports this one).
     mask = np.asarray(lung_finder(working.astype(np.float32) * np.float32(1.0 / 65535.0)), dtype=bool)
     if mask.shape != working.shape:
         raise ConfigError(f"{name}: the lung finder returned a {mask.shape} mask for a {working.shape} image")
-    return roi_from_mask(mask, spec, name)
+    return mask
 
 
 def apply_roi(working: np.ndarray, roi: LungROI) -> np.ndarray:

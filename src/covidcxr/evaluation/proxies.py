@@ -54,7 +54,7 @@ TEMPLATE_SIZE = 128
 
 
 from covidcxr.evaluation.proxy_images import (_digest, _read_u8, _save, resaved_copies, lung_template, _template_at, masked_copies,  # noqa: F401
-                                              segmented_lungs)
+                                              LUNG_DILATE, segmented_lungs)
 
 
 # ---------------------------------------------------------------- predictions (+ head features)
@@ -268,12 +268,11 @@ def lungs_removed(run, rows: pd.DataFrame, folder: str | Path, annotations_folde
     template = lung_template(str(Path(annotations_folder).resolve()))
     if lung_finder is None:
         copies = masked_copies(rows["path"].tolist(), folder, template, annotations)
-        regions = {"source": "template", "level": TEMPLATE_LEVEL, "size": TEMPLATE_SIZE,
-                   "area_share": float(template.mean())}
+        regions = {"source": "template"}  # its details: out["template"]
     else:
         copies = masked_copies(rows["path"].tolist(), folder, template, annotations,
                                lung_of=segmented_lungs(lung_finder), lung_key=lung_finder.sha256)
-        regions = {"source": "segmenter", "segmenter_sha256": lung_finder.sha256, "dilate": 0.03}
+        regions = {"source": "segmenter", "segmenter_sha256": lung_finder.sha256, "dilate": LUNG_DILATE}
     scores = rows[["image", "patient_id", "source", "label", "y"]].copy()
     scores["p_original"] = base_scores if base_scores is not None else predict_files(run, rows["path"])[0]["score"].to_numpy()
     # A lung-ROI model may refuse a masked copy (no lungs found): NaN, counted, left out of its AUC.

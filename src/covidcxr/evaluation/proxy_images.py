@@ -129,18 +129,20 @@ def masked_copies(paths: Sequence[str], folder: str | Path, template: np.ndarray
     return out
 
 
-def segmented_lungs(lung_finder, *, working_size: int = 512, dilate: float = 0.03):
+#: How far the scorecard grows each segmented lung mask (share of the image side): the lung rim goes too.
+LUNG_DILATE = 0.03
+
+
+def segmented_lungs(lung_finder, *, working_size: int = 512, dilate: float = LUNG_DILATE):
     """``lung_of(path, shape)`` for :func:`masked_copies`: the segmenter's lungs of each image, dilated by
-    ``dilate`` of the image side (their rim goes too), at the original image's shape."""
+    ``dilate`` of the image side, at the original image's shape."""
     import cv2
 
     from covidcxr.data.dataset import load_working
+    from covidcxr.data.lung_roi import dilated, find_lungs
 
     def lung_of(path, shape: tuple[int, int]) -> np.ndarray:
-        working = load_working(path, working_size)
-        mask = np.asarray(lung_finder(working.astype(np.float32) * np.float32(1.0 / 65535.0)), dtype=np.uint8)
-        r = max(1, round(dilate * max(mask.shape)))
-        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-        return cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+        mask = dilated(find_lungs(load_working(path, working_size), lung_finder, str(path)), dilate)
+        return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 
     return lung_of

@@ -22,6 +22,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -82,8 +83,12 @@ class _Reader:
 
 
 def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
-                 max_auc_drop: float = DEFAULT_MAX_AUC_DROP, opset: int = 18, batch_size: int = 16) -> Path:
-    """Write ``RUN_DIR/model.int8.onnx`` and record it as the run's ONNX model (see module docstring)."""
+                 max_auc_drop: float = DEFAULT_MAX_AUC_DROP, opset: int = 18, batch_size: int = 16,
+                 ops: Sequence[str] = tuple(QUANTIZED_OPS), calibration: str = "MinMax") -> Path:
+    """Write ``RUN_DIR/model.int8.onnx`` and record it as the run's ONNX model (see module docstring).
+
+    ``ops`` (operator types to quantise) and ``calibration`` (an ONNX Runtime ``CalibrationMethod``
+    name; ``Percentile`` keeps the 99.99th percentile) exist for experiments (bench/int8_variants.py)."""
     import onnx
     import onnxruntime
     import torch
@@ -96,6 +101,9 @@ def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIB
     from covidcxr.models.weights import sha256_file
     from covidcxr.serving.onnx import INPUT_NAME, OUTPUT_NAME, export_graph
 
+    if not hasattr(CalibrationMethod, calibration):
+        raise CovidCXRError(f"calibration {calibration!r} is not an ONNX Runtime CalibrationMethod "
+                            f"({', '.join(m.name for m in CalibrationMethod)})")
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     files, targets, classes = validation_images(run_dir)
@@ -111,7 +119,8 @@ def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIB
         batches = [tensors[calib[i : i + batch_size]] for i in range(0, len(calib), batch_size)]
         quantize_static(str(pre), str(int8), _Reader(batches, INPUT_NAME), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS)
+                        calibrate_method=getattr(CalibrationMethod, calibration), op_types_to_quantize=list(ops),
+                        extra_options={"CalibPercentile": 99.99} if calibration == "Percentile" else None)
         onnx.checker.check_model(str(int8))
         probs = {}
         for name, path in (("fp32", fp32), ("int8", int8)):
@@ -136,7 +145,7 @@ def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIB
               "torch": torch.__version__, "onnx": onnx.__version__, "input": INPUT_NAME, "output": OUTPUT_NAME,
               "parity_max_abs_diff": parity},
         info={**record.info, "onnx_quantization": {
-            "mode": "int8 static (QDQ, per-channel int8 weights, uint8 activations, MinMax calibration)",
+            "mode": f"int8 static (QDQ, per-channel int8 weights, uint8 activations, {calibration} calibration)",
             "onnxruntime": onnxruntime.__version__,
             "calibration": {"split": "val (val_predictions.csv)", "images": len(calib),
                             "images_sha256": hashlib.sha256("\n".join(names[i] for i in calib).encode()).hexdigest(),
