@@ -85,6 +85,18 @@ def test_pipeline_stages_compose_to_preprocess(xray):
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
 
 
+def test_array_and_tensor_inputs_normalise_bit_for_bit_alike(xray):
+    """Inference normalises the prepared array in numpy, training the augmented tensor in torch: the
+    two must give the same float32 bits, or training and inference would differ in the last digit."""
+    spec = PreprocessSpec(image_size=128, intensity="percentile", mean=(0.485, 0.456, 0.406),
+                          std=(0.229, 0.224, 0.225), channels=3)
+    prepared = prepare(working_image(xray, spec.working_size), spec)
+    from_array = to_tensor(prepared, spec)
+    from_tensor = to_tensor(torch.from_numpy(dequantise(prepared))[None], spec)
+    assert from_array.is_contiguous() and from_array.dtype == torch.float32
+    assert torch.equal(from_array, from_tensor) and not torch.equal(from_array[0], from_array[1])
+
+
 def test_intensity_runs_at_working_size_whatever_the_file_resolution(xray):
     # The same picture at 4x resolution gives (almost) the same model input: CLAHE sees the working size.
     import cv2
