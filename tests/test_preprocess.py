@@ -86,8 +86,8 @@ def test_pipeline_stages_compose_to_preprocess(xray):
 
 
 def test_array_and_tensor_inputs_normalise_bit_for_bit_alike(xray):
-    """Inference normalises the prepared array in numpy, training the augmented tensor in torch: the
-    two must give the same float32 bits, or training and inference would differ in the last digit."""
+    """Inference hands to_tensor the prepared array, training the augmented tensor: the two must give
+    the same float32 bits, or training and inference would differ in the last digit."""
     spec = PreprocessSpec(image_size=128, intensity="percentile", mean=(0.485, 0.456, 0.406),
                           std=(0.229, 0.224, 0.225), channels=3)
     prepared = prepare(working_image(xray, spec.working_size), spec)
