@@ -30,7 +30,10 @@ sys.path.insert(0, str(HERE))
 from recipes import RECIPES, REPO, _env, paired_within_source  # noqa: E402
 
 
-def run_recipe(recipe: str, work: Path, folds: int, seed: int, threads: int, loso: bool) -> dict:
+def run_recipe(recipe: str, work: Path, folds: int, seed: int, threads: int, loso: bool,
+               train_seed: int | None = None) -> dict:
+    """Train and score ``recipe`` under the protocols; ``seed`` deals the folds, ``train_seed`` (default:
+    ``seed``) seeds the training."""
     from covidcxr.data.manifest import Manifest
     from covidcxr.paths import data_root
     from covidcxr.training import load_config
@@ -38,7 +41,7 @@ def run_recipe(recipe: str, work: Path, folds: int, seed: int, threads: int, los
 
     spec = RECIPES[recipe]
     config = load_config(str(REPO / spec["config"]) if spec.get("config") else None, spec["overrides"] + [
-        f"train.seed={seed}", f"train.threads={threads}", "train.progress=false"])
+        f"train.seed={seed if train_seed is None else train_seed}", f"train.threads={threads}", "train.progress=false"])
     manifest = Manifest.read(data_root() / "manifest.csv")
     t0 = time.perf_counter()
     result = {"recipe": recipe, "what": spec["what"], "oof": out_of_fold_within_source(

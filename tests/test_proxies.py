@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidcxr.evaluation import proxies
+from covidcxr.evaluation import proxies, proxy_images
 
 
 def test_a_pure_source_detector_scores_high_plain_auc_and_chance_within_sources():
@@ -53,7 +53,7 @@ def test_lung_template_covers_the_lungs_and_masked_copies_black_them_out(data_ro
     copies = proxies.masked_copies([str(image)], tmp_path, template)
     original = read_xray(image).pixels
     no_lungs, lungs_only = read_xray(copies["no_lungs"][0]).pixels, read_xray(copies["lungs_only"][0]).pixels
-    inside = proxies._template_at(template, original.shape)
+    inside = proxy_images._template_at(template, original.shape)
     assert (no_lungs[inside] == 0).all() and (lungs_only[~inside] == 0).all()
     assert np.allclose(no_lungs[~inside], original[~inside], atol=1 / 255)
 

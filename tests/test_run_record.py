@@ -123,8 +123,7 @@ def test_a_runs_split_reads_images_where_its_training_manifest_could_and_nowhere
 
     from covidcxr.data.manifest import Manifest
     from covidcxr.errors import ManifestError
-    from covidcxr.evaluation.evaluate import run_manifest
-    from covidcxr.training.finalize import write_split
+    from covidcxr.models.run_split import read_run_split, write_run_split
 
     from pathlib import Path
 
@@ -142,12 +141,42 @@ def test_a_runs_split_reads_images_where_its_training_manifest_could_and_nowhere
     manifest = Manifest.read(folder / "m.csv")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    recorded = write_split(run_dir, manifest, manifest.table["split"].to_numpy())
+    recorded = write_run_split(run_dir, manifest, manifest.table["split"].to_numpy())
     assert str(folder.resolve()) in recorded.image_roots
     run = SimpleNamespace(record=SimpleNamespace(split=recorded), run_dir=run_dir)
-    paths = run_manifest(run).image_paths(check_root=True)
+    paths = read_run_split(run.run_dir, run.record).image_paths(check_root=True)
     assert [p.name for p in paths] == [Path(i).name for i in rows["image"]] and all(p.is_file() for p in paths)
     bare = SimpleNamespace(record=SimpleNamespace(split=recorded.model_copy(update={"image_roots": []})), run_dir=run_dir)
     with pytest.raises(ManifestError, match="outside the data root"):
-        run_manifest(bare).image_paths(check_root=True)
-    assert np.array_equal(run_manifest(run).table["split"].to_numpy(), manifest.table["split"].to_numpy())
+        read_run_split(bare.run_dir, bare.record).image_paths(check_root=True)
+    assert np.array_equal(read_run_split(run.run_dir, run.record).table["split"].to_numpy(), manifest.table["split"].to_numpy())
+
+
+def test_a_moved_run_still_finds_its_images_under_the_data_root(trained_run, data_root, tmp_path, monkeypatch):
+    """split.csv names images relative to the run; a run copied elsewhere (another depth, another
+    machine) resolves them through its ``image_in_data_root`` column under the data root here."""
+    import os
+    import shutil
+
+    from covidcxr.models.record import read_run_record
+    from covidcxr.models.run_split import IMAGE_IN_DATA_ROOT, read_run_split
+
+    moved = tmp_path / "a" / "b" / "c" / "copied_run"
+    shutil.copytree(trained_run, moved)
+    record = read_run_record(moved)
+    raw = read_run_split(trained_run, record)
+    assert raw.table[IMAGE_IN_DATA_ROOT].astype(str).str.startswith("images/").all()
+    stale = [moved / p for p in raw.table["image"]]  # where the copied split.csv points: nowhere
+    assert not any(p.exists() for p in stale[:20])
+    split = read_run_split(moved, record)
+    paths = split.image_paths(check_root=True)
+    assert all(p.is_file() for p in paths)
+    assert [os.path.realpath(p) for p in paths] == [os.path.realpath(p) for p in raw.image_paths()]
+    assert (split.table["split"] == raw.table["split"]).all()
+    # The same data under another root (a data folder mounted elsewhere): given explicitly, used.
+    other = tmp_path / "mounted_data"
+    other.symlink_to(data_root)
+    monkeypatch.setenv("COVIDCXR_DATA_ROOT", str(tmp_path / "nowhere"))
+    assert all(p.is_file() for p in read_run_split(moved, record, data_root=other).image_paths())
+    # No data root holds them: the rows stay as split.csv says, for the caller to report as missing.
+    assert not any(p.exists() for p in read_run_split(moved, record).image_paths()[:20])

@@ -31,6 +31,7 @@ from covidcxr.evaluation.metrics import DEFAULT_LEVEL, DEFAULT_N_BOOT, within_so
 from covidcxr.evaluation.summary import METRICS_JSON, PREDICTIONS_CSV, format_estimate
 from covidcxr.files import jsonable, write_json
 from covidcxr.models.run import LoadedRun, load_run
+from covidcxr.models.run_split import read_run_split
 
 EVAL_FORMAT = "covidcxr-eval/1"
 MANIFEST_COLUMNS = ("image", "patient_id", "source", "label", "finding", "view", "sex", "age", "split")
@@ -200,30 +201,6 @@ def fit_or_load_temperature(run: LoadedRun, manifest: Manifest, space: LabelSpac
 # ---------------------------------------------------------------- the command
 
 
-def run_manifest(run: LoadedRun) -> Manifest:
-    """The rows the run was trained, validated and tested on (``split.csv``), checked against the record.
-
-    Its ``split`` column is what the run did with each row (train / val / test / external; rows it
-    did not use are blank), so evaluating it can never score an image the run trained on.
-    """
-    from covidcxr.models.weights import sha256_file
-
-    rec = run.record.split
-    if rec is None:
-        raise CovidCXRError(f"{run.run_dir}: the run records no split; pass --manifest with a 'split' column")
-    path = Path(run.run_dir) / rec.file
-    if not path.is_file() or sha256_file(path) != rec.sha256:
-        raise CovidCXRError(f"{path}: missing or changed since training (SHA-256 differs from run.json); "
-                            "pass --manifest explicitly")
-    manifest = Manifest.read(path)
-    if rec.image_roots:  # where the training manifest could read its images (e.g. its own folder)
-        manifest = Manifest(manifest.table, root=manifest.root, name=manifest.name,
-                            data_roots=(manifest.root, *(Path(r) for r in rec.image_roots)))
-    table = manifest.table.copy()
-    table["split"] = table[rec.column].astype(str).where(table[rec.column].astype(str).isin(SPLITS), "")
-    return manifest.replace(table)
-
-
 def evaluate_run(run_dir: str | Path, manifest: str | Path | Manifest | None = None, *, split: str = "test",
                  by: str | None = None, prevalence: float | None = None, out: str | Path | None = None,
                  readers: str | Path | None = None, patient_bootstrap: bool = False,
@@ -233,7 +210,7 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path | Manifest | None = N
     """Evaluate ``run_dir`` on the ``split`` rows of ``manifest`` (default: the run's own split.csv);
     write metrics.json, predictions.csv, plots."""
     run = run if run is not None else load_run(run_dir)
-    manifest = _as_manifest(manifest) if manifest is not None else run_manifest(run)
+    manifest = _as_manifest(manifest) if manifest is not None else read_run_split(run.run_dir, run.record)
     space = run_label_space(run, label_space)
     out = Path(out) if out is not None else Path(run_dir) / "eval" / split
     groups = [split]

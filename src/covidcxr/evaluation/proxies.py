@@ -30,10 +30,8 @@ Command: ``python -m covidcxr.evaluation.proxies RUN_DIR [--out DIR] [--split te
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -41,20 +39,11 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.errors import CovidCXRError
-from covidcxr.evaluation.metrics import (auc_ci, auc_score, bootstrap_ci, cluster_indices, wilson_ci,
-                                         within_source_auc_details)
+from covidcxr.evaluation.metrics import auc_ci, auc_score, bootstrap_ci, wilson_ci, within_source_auc_details
+from covidcxr.evaluation.proxy_images import (LUNG_DILATE, QUALITIES, TEMPLATE_LEVEL, TEMPLATE_SIZE, lung_template,
+                                              masked_copies, resaved_copies, segmented_lungs)
 from covidcxr.evaluation.source_probe import source_probe
 from covidcxr.files import jsonable, write_json
-
-#: JPEG qualities of the compression proxy (q90 is how the shared images are stored).
-QUALITIES = (90, 70, 50)
-#: A pixel belongs to the lung template when at least this share of the annotated lungs covers it.
-TEMPLATE_LEVEL = 0.3
-TEMPLATE_SIZE = 128
-
-
-from covidcxr.evaluation.proxy_images import (_digest, _read_u8, _save, resaved_copies, lung_template, _template_at, masked_copies,  # noqa: F401
-                                              LUNG_DILATE, segmented_lungs)
 
 
 # ---------------------------------------------------------------- predictions (+ head features)
@@ -137,9 +126,10 @@ def predict_files(run, paths: Sequence[str | Path], *, features: bool = False, b
 
 def split_rows(run, split: str = "test") -> pd.DataFrame:
     """The run's ``split`` rows (from its own ``split.csv``) the label space includes, with ``path`` and ``y``."""
-    from covidcxr.evaluation.evaluate import run_label_space, run_manifest
+    from covidcxr.evaluation.evaluate import run_label_space
+    from covidcxr.models.run_split import read_run_split
 
-    manifest = run_manifest(run)
+    manifest = read_run_split(run.run_dir, run.record)
     space = run_label_space(run)
     table = manifest.table.reset_index(drop=True)
     cls = space.assign(table)

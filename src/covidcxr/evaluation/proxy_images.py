@@ -12,7 +12,9 @@ import pandas as pd
 
 from covidcxr.errors import CovidCXRError
 
+#: JPEG qualities of the compression proxy (q90 is how the shared images are stored).
 QUALITIES = (90, 70, 50)
+#: A pixel belongs to the lung template when at least this share of the annotated lungs covers it.
 TEMPLATE_LEVEL = 0.3
 TEMPLATE_SIZE = 128
 

@@ -47,19 +47,19 @@ def validation_images(run_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]
     paths resolved through the run's ``split.csv``."""
     import pandas as pd
 
-    from covidcxr.data.manifest import Manifest
     from covidcxr.models.record import read_run_record
+    from covidcxr.models.run_split import read_run_split
 
     table = pd.read_csv(run_dir / "val_predictions.csv", keep_default_na=False)
-    split = Manifest.read(run_dir / "split.csv")
-    val = split.subset(mask=split.table["run_split"].astype(str).eq("val").to_numpy())
+    record = read_run_record(run_dir)
+    val = read_run_split(run_dir, record).subset("val")
     files = [Path(p) for p in val.image_paths()]  # "row" indexes the run's validation rows, in this order
     rows = table["row"].astype(int).to_numpy()
     wrong = [i for i, r in zip(table["image"].astype(str), rows)
              if r >= len(files) or Path(i).name != files[r].name]
     if wrong:
         raise CovidCXRError(f"{run_dir}/val_predictions.csv: {len(wrong)} rows do not match split.csv (e.g. {wrong[0]})")
-    classes = list(read_run_record(run_dir).classes)
+    classes = list(record.classes)
     targets = table["target"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     return [files[r] for r in rows], targets, classes
 

@@ -29,7 +29,7 @@ from covidcxr.files import atomic_write_bytes
 from covidcxr.models.record import RUN_JSON, read_run_record
 from covidcxr.models.run import save_ensemble
 from covidcxr.training.config import TrainingConfig, dump_config, load_config
-from covidcxr.training.finalize import write_split
+from covidcxr.models.run_split import write_run_split
 from covidcxr.training.loop import fit
 from covidcxr.training.rows import TrainingData, data_counts, prepare_training_data
 from covidcxr.training.state import CHECKPOINT_DIR, LAST_CKPT
@@ -141,7 +141,7 @@ def _write_ensemble(config: TrainingConfig, out_dir: Path, members: list[Path], 
         "epochs_run": [mi["epochs_run"] for mi in member_info],
         "epochs_planned": config.train.epochs,
     }
-    save_ensemble(out_dir, members, info=info, threshold=threshold, split=write_split(out_dir, manifest, data.run_split(col)))
+    save_ensemble(out_dir, members, info=info, threshold=threshold, split=write_run_split(out_dir, manifest, data.run_split(col)))
     from covidcxr.training.model_card import write_model_card
 
     write_model_card(out_dir)

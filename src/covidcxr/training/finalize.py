@@ -17,9 +17,8 @@ from covidcxr.data.preprocess import PreprocessSpec
 from covidcxr.errors import CovidCXRError
 from covidcxr.files import atomic_write_bytes, write_json
 from covidcxr.models.provenance import hash_data_files
-from covidcxr.models.record import SPLIT_FILE, RunSplit
 from covidcxr.models.run import save_model
-from covidcxr.models.weights import sha256_file
+from covidcxr.models.run_split import write_run_split
 from covidcxr.plotting import pyplot, save_figure
 from covidcxr.training.config import TrainingConfig
 from covidcxr.training.rows import TrainingData, data_counts, split_column_used
@@ -35,21 +34,6 @@ def write_val_predictions(out_dir: Path, ds: CXRDataset, probs: np.ndarray) -> N
         table[f"p_{c}"] = probs[:, j]
     atomic_write_bytes(out_dir / "val_predictions.csv", table.to_csv(index=False, lineterminator="\n").encode())
 
-
-
-#: The column of ``split.csv`` that says what the run did with each row.
-RUN_SPLIT_COLUMN = "run_split"
-
-
-def write_split(out_dir: Path, manifest: Manifest, run_split: np.ndarray) -> RunSplit:
-    """Store the rows the run was trained, validated and tested on (``split.csv``, column
-    ``run_split``), so ``covidcxr evaluate RUN`` evaluates the run's own test split unprompted."""
-    path = Path(out_dir) / SPLIT_FILE
-    manifest.replace(manifest.table.assign(**{RUN_SPLIT_COLUMN: run_split})).write(path)
-    counts = pd.Series(run_split).value_counts().sort_index()
-    return RunSplit(sha256=sha256_file(path), column=RUN_SPLIT_COLUMN,
-                    counts={str(k): int(v) for k, v in counts.items()},
-                    image_roots=[str(r) for r in manifest.allowed_roots()])
 
 
 def finalize_run(config: TrainingConfig, out_dir: Path, model: nn.Module, spec: PreprocessSpec, space: LabelSpace,
@@ -71,7 +55,7 @@ def finalize_run(config: TrainingConfig, out_dir: Path, model: nn.Module, spec: 
     best_record = next(h for h in history if h["epoch"] == best_epoch)
     split_column = split_column_used(config, data)
     run_split = data.run_split(split_column)
-    split = write_split(out_dir, data.manifest, run_split)
+    split = write_run_split(out_dir, data.manifest, run_split)
     # Every image file the run learned from, was selected on or is tested on, by SHA-256 (covidcxr verify).
     provenance = hash_data_files(out_dir, data.manifest, run_split, config.data.manifest)
     counts = data_counts(data.manifest, space, split_column)
