@@ -1,4 +1,4 @@
-"""Determinism, kill + resume of a real training process, and a k-fold ensemble - on a tiny subset of the shared data."""
+"""Determinism, kill + resume of a real training process, k-fold and seed ensembles - on a tiny subset of the shared data."""
 
 from __future__ import annotations
 
@@ -150,6 +150,46 @@ def test_kfold_ensemble_loads_and_predicts_like_one_model(tiny, tmp_path):
         run_training(None, out, overrides=TINY + [f"data.manifest={path}", "train.epochs=2", "ensemble.tta=[hflip]"],
                      folds=2, resume=True)
     assert json.loads((out / "members" / "fold_0" / "run.json").read_text())["info"]["epochs_planned"] == 1
+
+
+def test_seed_ensemble_members_share_their_rows_and_the_ensemble_is_their_mean(tiny, tmp_path):
+    """ensemble.seeds=[0,1]: two members trained with different seeds on the same train / val rows; the
+    ensemble's validation predictions, threshold, probabilities and probe features come from both."""
+    from covidcxr.data.io import read_xray
+    from covidcxr.errors import ConfigError
+    from covidcxr.evaluation.proxies import predict_files
+    from covidcxr.evaluation.thresholds import select_threshold
+    from covidcxr.training import run_training
+
+    path = tiny[1]
+    overrides = TINY + [f"data.manifest={path}", "train.epochs=1"]
+    out = run_training(None, tmp_path / "seeds", overrides=overrides + ["ensemble.seeds=[0, 1]"])
+    record = json.loads((out / "run.json").read_text())
+    assert record["architecture"] == "ensemble" and record["members"] == ["members/seed_0", "members/seed_1"]
+    assert record["info"]["ensemble"]["seeds"] == [0, 1] and record["info"]["seed"] == [0, 1]
+    members = [out / m for m in record["members"]]
+    assert [json.loads((m / "run.json").read_text())["info"]["seed"] for m in members] == [0, 1]
+    assert sha256_file(members[0] / "model.safetensors") != sha256_file(members[1] / "model.safetensors")
+    splits = [pd.read_csv(m / "split.csv", keep_default_na=False)["run_split"] for m in members + [out]]
+    assert splits[0].equals(splits[1]) and splits[0].equals(splits[2])
+    val = [pd.read_csv(m / "val_predictions.csv") for m in members + [out]]
+    assert val[0]["image"].equals(val[1]["image"]) and val[0]["image"].equals(val[2]["image"])
+    assert np.allclose(val[2]["p_covid"], (val[0]["p_covid"] + val[1]["p_covid"]) / 2)
+    y = (val[2]["target"] == "covid").astype(int).to_numpy()
+    assert record["threshold"] == pytest.approx(select_threshold(y, val[2]["p_covid"].to_numpy()))
+    run, singles = load_run(out), [load_run(m) for m in members]
+    files = [str(Path(tiny[0].root) / p) for p in tiny[0].table["image"].head(3)]
+    images = [read_xray(p).pixels for p in files]
+    assert np.allclose(run.predict_arrays(images), np.mean([r.predict_arrays(images) for r in singles], axis=0),
+                       atol=1e-6)
+    # The probe's features of an ensemble: its members' penultimate features side by side.
+    _, feats = predict_files(run, files, features=True)
+    parts = [predict_files(r, files, features=True)[1] for r in singles]
+    assert feats.shape == (3, sum(p.shape[1] for p in parts)) and np.allclose(feats, np.concatenate(parts, axis=1))
+    with pytest.raises(ConfigError, match="choose one kind of ensemble"):
+        run_training(None, tmp_path / "both", overrides=overrides + ["ensemble.seeds=[0, 1]"], folds=2)
+    with pytest.raises(ConfigError, match="different training seeds"):
+        run_training(None, tmp_path / "same", overrides=overrides + ["ensemble.seeds=[3, 3]"])
 
 
 def test_data_counts_follow_the_configured_split_column(tiny, tmp_path):

@@ -50,14 +50,20 @@ def imagenet_twin(run):
 
     model_info = run.record.info.get("model") or {}
     weights = model_info.get("weights")
-    if not weights or run.record.members:
+    if not weights:
         return None
+    architecture = run.record.architecture
+    if run.record.members:  # an ensemble's members share the starting backbone: one copy is the reference
+        from covidcxr.models.record import read_run_record
+
+        architecture = read_run_record(Path(run.run_dir) / run.record.members[0], verify=False).architecture
     try:
-        model = create_model(run.record.architecture, len(run.classes), channels=run.record.channels, weights=weights,
+        model = create_model(architecture, len(run.classes), channels=run.record.channels, weights=weights,
                              weights_sha256=model_info.get("weights_sha256"))
     except Exception:  # weights elsewhere / not this machine's: the probe is then reported without its reference
         return None
-    return LoadedRun(run_dir=run.run_dir, model=model.eval(), record=run.record)
+    record = run.record.model_copy(update={"architecture": architecture, "members": []})
+    return LoadedRun(run_dir=run.run_dir, model=model.eval(), record=record)
 
 
 def source_probe_check(run, rows: pd.DataFrame, feats, *, n_boot: int, seed: int) -> dict:

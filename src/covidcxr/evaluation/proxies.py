@@ -57,32 +57,46 @@ def _unwrap(model):
     return model
 
 
+def _networks(run) -> list[tuple]:
+    """``(network, architecture)`` of each network of a run: itself, or each member of an ensemble."""
+    model = _unwrap(run.model)
+    if not run.record.members:
+        return [(model, run.record.architecture)]
+    from covidcxr.models.record import read_run_record
+
+    archs = [read_run_record(Path(run.run_dir) / m, verify=False).architecture for m in run.record.members]
+    return [(_unwrap(m), a) for m, a in zip(model.members, archs)]
+
+
 class _HeadInputs:
-    """Collects the input of the classifier head (the penultimate features) during predictions."""
+    """Collects the input of the classifier head (the penultimate features) during predictions.
+
+    An ensemble's features are its members' side by side: what a probe can read from any of them."""
 
     def __init__(self, run):
         from covidcxr.models.registry import get_architecture
 
-        self.buffer: list = []
-        self.handle = None
-        if run.record.members:
-            return  # an ensemble has no single feature space
-        inner = _unwrap(run.model)
-        prefixes = get_architecture(run.record.architecture).head(inner)
-        module = inner.get_submodule(prefixes[0].rstrip("."))
-        self.handle = module.register_forward_pre_hook(
-            lambda mod, args: self.buffer.append(args[0].detach().flatten(1).float().cpu().numpy()))
+        self.buffers: list[list] = []
+        self.handles: list = []
+        for network, architecture in _networks(run):
+            prefixes = get_architecture(architecture).head(network)
+            module = network.get_submodule(prefixes[0].rstrip("."))
+            buffer: list = []
+            self.buffers.append(buffer)
+            self.handles.append(module.register_forward_pre_hook(
+                lambda mod, args, buffer=buffer: buffer.append(args[0].detach().flatten(1).float().cpu().numpy())))
 
     def take(self) -> np.ndarray | None:
-        if not self.buffer:
+        if not all(self.buffers):
             return None
-        out = np.mean(np.stack(self.buffer), axis=0)  # flip TTA: mean of image and mirror
-        self.buffer = []
+        out = np.concatenate([np.mean(np.stack(b), axis=0) for b in self.buffers], axis=1)  # flip TTA: mean of the pair
+        for b in self.buffers:
+            b.clear()
         return out
 
     def close(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def predict_files(run, paths: Sequence[str | Path], *, features: bool = False, batch_size: int = 32,
@@ -120,7 +134,7 @@ def predict_files(run, paths: Sequence[str | Path], *, features: bool = False, b
                             f"{preds.skipped[0][1]}")
     table = pd.DataFrame({"path": preds.table["path"].astype(str),
                           "score": preds.table[f"prob_{run.positive_class}"].astype(float)})
-    f = np.concatenate(feats) if feats and hook is not None and hook.handle is not None else None
+    f = np.concatenate(feats) if feats and hook is not None else None
     return table, f
 
 
@@ -333,10 +347,7 @@ def run_proxies(run_dir: str | Path, out: str | Path | None = None, *, split: st
                                                                 n_boot=n_boot, seed=seed)
     result["lungs"], lung_scores = lungs_removed(run, rows, work / "masked", annotations_folder,
                                                  base_scores=base["score"].to_numpy(), n_boot=n_boot, seed=seed)
-    if feats is not None:
-        result["source_probe"] = source_probe(feats, src, rows["patient_id"], seed=seed, n_boot=n_boot)
-    else:
-        result["source_probe"] = {"value": None, "note": "no single feature space (ensemble)"}
+    result["source_probe"] = source_probe(feats, src, rows["patient_id"], seed=seed, n_boot=n_boot)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     table = lung_scores.rename(columns={"p_original": "score"})
     table = table.merge(comp_scores[["image"] + [c for c in comp_scores.columns if c.startswith("p_")]],

@@ -221,6 +221,7 @@ class TrainConfig(_Section):
 
 class EnsembleConfig(_Section):
     folds: Optional[int] = Field(None, ge=2)  # k-fold ensemble (also: `covidcxr train --folds K`)
+    seeds: list[int] = []  # seed ensemble: one member per training seed on the same rows, e.g. [0, 1, 2]
     fold_column: str = "fold"
     tta: list[Literal["hflip"]] = []  # test-time augmentation recorded in the run, applied at inference
 
@@ -239,6 +240,9 @@ class TrainingConfig(_Section):
     @model_validator(mode="after")
     def _combinations(self):
         t, a = self.train, self.augment
+        if self.ensemble.folds and self.ensemble.seeds:
+            raise ValueError("ensemble.folds and ensemble.seeds: choose one kind of ensemble (k-fold members train on "
+                             "different rows, seed members on the same rows)")
         if t.lp_epochs and t.lp_epochs >= t.epochs:
             raise ValueError(f"train.lp_epochs ({t.lp_epochs}) must be smaller than train.epochs ({t.epochs}): "
                              "LP-FT needs at least one fine-tuning epoch after the linear probe")
