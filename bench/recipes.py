@@ -103,6 +103,9 @@ RECIPES: dict[str, dict] = {
     "wsauc_roi_1pass": {"overrides": WSAUC + ROI + ONE_PASS,
                         "what": "wsauc_roi for one pass over every training image (issue 10: after the first pass "
                         "training learns the source)"},
+    "plain_1pass": {"overrides": PLAIN + ONE_PASS,
+                    "what": "plain (CE, shuffled, full images) for one pass over every training image: the recipe "
+                    "closest to issue 10's best external row (a plain fine-tune after epoch 1)"},
     "plain_roi_1pass": {"overrides": PLAIN + ROI + ONE_PASS,
                         "what": "plain (CE, shuffled) on lung-ROI inputs, one pass over every training image"},
     "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
