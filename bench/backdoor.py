@@ -157,7 +157,8 @@ def main(argv=None) -> None:
     split.write(work / "clean.csv")
     overrides = [f"preprocess.image_size={args.image_size}", f"preprocess.roi={args.roi}", "train.progress=false",
                  f"train.seed={args.seed}"]
-    config = load_config(args.config, overrides + [f"train.epochs={args.attack_epochs}"])
+    # One model per variant: the audit reads one feature space, and the twin must match it.
+    config = load_config(args.config, overrides + [f"train.epochs={args.attack_epochs}", "ensemble.seeds=[]"])
     results: dict = {}
     ctx: dict = {}
 
@@ -217,7 +218,7 @@ def main(argv=None) -> None:
             src = work / name.removesuffix("_finetuned")
             rec = load_run(src).record
             ft = load_config(args.config, overrides + [
-                f"model.weights={src / 'model.safetensors'}", f"model.weights_sha256={rec.model_sha256}",
+                f"model.weights={src / 'model.safetensors'}", f"model.weights_sha256={rec.model_sha256}", "ensemble.seeds=[]",
                 "train.epochs=1", "train.lr=0.0002", "train.warmup_epochs=0"])
             evaluate(name, _train(name, ft, split, work), variant)
             continue

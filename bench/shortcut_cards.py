@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if not (shortcut_run / "run.json").is_file():
         cfg = load_config(REPO / "configs" / "quick.yaml", [
-            "preprocess.roi=full", "train.objective=ce", "train.sampler=none", "train.progress=false",
+            "preprocess.roi=full", "train.objective=ce", "train.sampler=none", "train.progress=false", "ensemble.seeds=[]",
             f"data.manifest={labelled}"])
         fit(cfg, shortcut_run, write_card=False)
     train_s = time.perf_counter() - t0

@@ -77,7 +77,7 @@ def covidcxr_epoch(manifest: Path, images: int, out: Path, workers: int) -> dict
     from covidcxr.training.loop import fit
 
     cfg = load_config(REPO / "configs" / "quick.yaml",
-                      ["train.epochs=1", f"train.samples_per_epoch={images}", "train.progress=false",
+                      ["train.epochs=1", f"train.samples_per_epoch={images}", "train.progress=false", "ensemble.seeds=[]",
                        "data.val_max_images=20", f"data.manifest={manifest}", f"train.num_workers={workers}"])
     t0 = time.perf_counter()
     fit(cfg, out, write_card=False)
