@@ -192,6 +192,28 @@ def test_seed_ensemble_members_share_their_rows_and_the_ensemble_is_their_mean(t
         run_training(None, tmp_path / "same", overrides=overrides + ["ensemble.seeds=[3, 3]"])
 
 
+def test_a_lung_roi_seed_ensemble_gets_its_imagenet_probe_reference(tiny, weights_dir, tmp_path):
+    """The scorecard's source probe compares an ensemble's features with its ImageNet starting point: the
+    reference model must find the members' lung segmenter (an ensemble folder holds none of its own)."""
+    from conftest import EFFNET_LITE0_SHA256
+
+    from covidcxr.audit.shortcut_checks import imagenet_twin
+    from covidcxr.evaluation.proxies import predict_files
+    from covidcxr.training import run_training
+
+    overrides = TINY + [f"data.manifest={tiny[1]}", "train.epochs=1", "ensemble.seeds=[0, 1]", "preprocess.roi=lungs",
+                        f"model.weights={weights_dir / 'efficientnet_lite0_imagenet_timm.pth'}",
+                        f"model.weights_sha256={EFFNET_LITE0_SHA256}"]
+    run = load_run(run_training(None, tmp_path / "roi_seeds", overrides=overrides))
+    assert not (run.run_dir / "segmenter").exists() and (run.run_dir / "members" / "seed_0" / "segmenter").is_dir()
+    twin = imagenet_twin(run)
+    assert twin is not None and twin.record.architecture == "tf_efficientnet_lite0" and not twin.record.members
+    files = [str(Path(tiny[0].root) / p) for p in tiny[0].table["image"].head(2)]
+    _, feats = predict_files(twin, files, features=True)
+    _, ens_feats = predict_files(run, files, features=True)
+    assert feats.shape == (2, ens_feats.shape[1] // 2)
+
+
 def test_data_counts_follow_the_configured_split_column(tiny, tmp_path):
     """data.split_column=my_split: the recorded counts are per that column, not the (empty) 'split' one."""
     manifest, _ = tiny

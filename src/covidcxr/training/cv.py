@@ -90,6 +90,7 @@ def train_kfold(config: TrainingConfig, out_dir: str | Path, *, folds: int | Non
         members.append(member_dir)
         if (member_dir / RUN_JSON).is_file():
             continue  # finished before an interruption
+        _announce(config, f"k-fold ensemble: member {k + 1} of {folds} (validates on fold {k})", member_dir)
         data = TrainingData(manifest, dev & (fold != k), dev & (fold == k), {**fold_info, "fold": k}, base.held_out)
         fit(config, member_dir, data=data, resume=resume and (member_dir / CHECKPOINT_DIR / LAST_CKPT).exists(),
             extra_info={"fold": k, "folds": folds})
@@ -115,7 +116,7 @@ def train_seed_ensemble(config: TrainingConfig, out_dir: str | Path, *, seeds: l
     _start_ensemble(config, out_dir, resume)
     data = prepare_training_data(config, manifest)  # one split for every member
     members = []
-    for s in seeds:
+    for i, s in enumerate(seeds):
         member = config.model_copy(deep=True)
         member.train.seed = s
         member.ensemble.seeds = []
@@ -123,6 +124,7 @@ def train_seed_ensemble(config: TrainingConfig, out_dir: str | Path, *, seeds: l
         members.append(member_dir)
         if (member_dir / RUN_JSON).is_file():
             continue  # finished before an interruption
+        _announce(config, f"seed ensemble: member {i + 1} of {len(seeds)} (train.seed={s})", member_dir)
         fit(member, member_dir, data=data, resume=resume and (member_dir / CHECKPOINT_DIR / LAST_CKPT).exists(),
             extra_info={"seed_member": s, "seeds": seeds})
     val = _mean_predictions(members, get_label_space(config.data.label_space).classes)
@@ -131,6 +133,14 @@ def train_seed_ensemble(config: TrainingConfig, out_dir: str | Path, *, seeds: l
                            predictions_file="val_predictions.csv",
                            val_kind="the mean of the members' predictions on the shared validation rows",
                            chosen_on="the mean of the members' validation predictions")
+
+
+def _announce(config: TrainingConfig, what: str, member_dir: Path) -> None:
+    """Say which member trains now: each member shows its own progress bars, and there are several."""
+    if config.train.progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"{what} -> {member_dir}")
 
 
 def _start_ensemble(config: TrainingConfig, out_dir: Path, resume: bool) -> None:
