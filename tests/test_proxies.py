@@ -118,3 +118,16 @@ def test_run_proxies_on_a_trained_run(trained_run, tmp_path, data_root):
     assert written["lungs"]["no_lungs"]["auc"]["value"] is not None
     probe = written["source_probe"]
     assert probe["value"] is None or 0 <= probe["value"] <= 1
+
+
+def test_a_runs_own_split_rows_keep_age_and_sex_for_the_subgroup_checks(trained_run):
+    """`audit shortcuts RUN` without --manifest reads the run's own split.csv: its rows must carry age and
+    sex, else the scorecard's subgroup checks are never measured (they were not, in the main job)."""
+    from covidcxr.audit.shortcut_checks import subgroup_checks
+    from covidcxr.models.run import load_run
+
+    rows = proxies.split_rows(load_run(trained_run), "test")
+    assert {"age", "sex"} <= set(rows.columns) and rows["sex"].astype(str).str.upper().str[:1].isin(["F", "M"]).any()
+    scores = np.random.default_rng(0).random(len(rows))
+    out = subgroup_checks(rows, scores)
+    assert out["max_gap"]["groups"] >= 2 and out["max_gap"]["value"] is not None

@@ -150,7 +150,8 @@ def split_rows(run, split: str = "test") -> pd.DataFrame:
     keep = (table["split"].astype(str) == split).to_numpy() & cls.notna().to_numpy()
     if not keep.any():
         raise CovidCXRError(f"{run.run_dir}: no {split!r} rows in the run's split.csv")
-    rows = table.loc[keep, ["image", "patient_id", "source", "label"]].copy()
+    extra = [c for c in ("age", "sex") if c in table.columns]  # the scorecard's subgroup checks need them
+    rows = table.loc[keep, ["image", "patient_id", "source", "label"] + extra].copy()
     rows["path"] = [str(p) for p, k in zip(manifest.image_paths(check_root=True), keep) if k]
     rows["y"] = (cls[keep] == run.positive_class).astype(int).to_numpy()
     return rows.reset_index(drop=True)
