@@ -35,8 +35,8 @@ from covidcxr.errors import ConfigError, CovidCXRError
 from covidcxr.files import atomic_write_bytes
 from covidcxr.models.record import RUN_JSON, read_run_record
 from covidcxr.models.run import save_ensemble
-from covidcxr.training.config import TrainingConfig, dump_config, load_config
 from covidcxr.models.run_split import write_run_split
+from covidcxr.training.config import TrainingConfig, dump_config, load_config
 from covidcxr.training.loop import fit
 from covidcxr.training.rows import TrainingData, data_counts, prepare_training_data, split_column_used
 from covidcxr.training.state import CHECKPOINT_DIR, LAST_CKPT
