@@ -192,6 +192,20 @@ def test_seed_ensemble_members_share_their_rows_and_the_ensemble_is_their_mean(t
         run_training(None, tmp_path / "same", overrides=overrides + ["ensemble.seeds=[3, 3]"])
 
 
+def test_an_ensemble_under_torchrun_is_refused_before_anything_is_written(tiny, tmp_path, monkeypatch):
+    """configs/quick.yaml is a seed ensemble: launched by torchrun, every rank would write the ensemble."""
+    from covidcxr.errors import ConfigError
+    from covidcxr.training import run_training
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    overrides = TINY + [f"data.manifest={tiny[1]}", "train.epochs=1", "ensemble.seeds=[0, 1]"]
+    with pytest.raises(ConfigError, match=r"torchrun \(DDP\) job cannot train an ensemble.*ensemble.seeds=\[\]"):
+        run_training(None, tmp_path / "ddp_seeds", overrides=overrides)
+    with pytest.raises(ConfigError, match="cannot train an ensemble"):
+        run_training(None, tmp_path / "ddp_folds", overrides=overrides[:-1], folds=2)
+    assert not (tmp_path / "ddp_seeds").exists() and not (tmp_path / "ddp_folds").exists()
+
+
 def test_a_lung_roi_seed_ensemble_gets_its_imagenet_probe_reference(tiny, weights_dir, tmp_path):
     """The scorecard's source probe compares an ensemble's features with its ImageNet starting point: the
     reference model must find the members' lung segmenter (an ensemble folder holds none of its own)."""

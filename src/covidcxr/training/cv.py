@@ -37,6 +37,7 @@ from covidcxr.models.record import RUN_JSON, read_run_record
 from covidcxr.models.run import save_ensemble
 from covidcxr.models.run_split import write_run_split
 from covidcxr.training.config import TrainingConfig, dump_config, load_config
+from covidcxr.training.distributed import torchrun_world_size
 from covidcxr.training.loop import fit
 from covidcxr.training.rows import TrainingData, data_counts, prepare_training_data, split_column_used
 from covidcxr.training.state import CHECKPOINT_DIR, LAST_CKPT
@@ -223,6 +224,11 @@ def run_training(config_path: str | Path | None, out_dir: str | Path, *, overrid
         if config.ensemble.seeds:
             raise ConfigError(f"--folds {folds} with ensemble.seeds {config.ensemble.seeds}: choose one kind of ensemble")
         config.ensemble.folds = folds
+    if (config.ensemble.seeds or config.ensemble.folds) and torchrun_world_size() > 1:
+        # Every rank would write the ensemble's own files; its members are whole runs of their own.
+        raise ConfigError(f"a torchrun (DDP) job cannot train an ensemble (ensemble.seeds={config.ensemble.seeds}, "
+                          f"ensemble.folds={config.ensemble.folds}): train it in one process, or add "
+                          "ensemble.seeds=[] to train one model with DDP")
     if config.ensemble.seeds:
         return train_seed_ensemble(config, out_dir, manifest=manifest, resume=resume)
     if config.ensemble.folds:

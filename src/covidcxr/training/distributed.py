@@ -122,9 +122,14 @@ class DistributedContext:
             dist.destroy_process_group()
 
 
+def torchrun_world_size() -> int:
+    """How many processes the torchrun job this process belongs to has (1: not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def join_process_group() -> DistributedContext:
     """The context of this process: joins the torchrun job its environment describes (else a plain run)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = torchrun_world_size()
     if world <= 1:
         return DistributedContext()
     import torch.distributed as dist
