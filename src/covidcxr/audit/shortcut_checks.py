@@ -52,19 +52,15 @@ def imagenet_twin(run):
     weights = model_info.get("weights")
     if not weights:
         return None
-    architecture, home = run.record.architecture, Path(run.run_dir)
-    if run.record.members:  # an ensemble's members share the starting backbone: one copy is the reference
-        from covidcxr.models.record import read_run_record
-
-        home = home / run.record.members[0]  # where the member's lung segmenter lies, for lung-ROI runs
-        architecture = read_run_record(home, verify=False).architecture
+    # An ensemble's members share the starting backbone: one member is the reference (and its folder
+    # holds the lung segmenter a lung-ROI run needs).
+    ref = run.members[0] if run.members else run
     try:
-        model = create_model(architecture, len(run.classes), channels=run.record.channels, weights=weights,
+        model = create_model(ref.record.architecture, len(run.classes), channels=run.record.channels, weights=weights,
                              weights_sha256=model_info.get("weights_sha256"))
     except Exception:  # weights elsewhere / not this machine's: the probe is then reported without its reference
         return None
-    record = run.record.model_copy(update={"architecture": architecture, "members": []})
-    return LoadedRun(run_dir=home, model=model.eval(), record=record)
+    return LoadedRun(run_dir=ref.run_dir, model=model.eval(), record=ref.record)
 
 
 def source_probe_check(run, rows: pd.DataFrame, feats, *, n_boot: int, seed: int) -> dict:

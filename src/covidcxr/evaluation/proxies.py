@@ -59,13 +59,7 @@ def _unwrap(model):
 
 def _networks(run) -> list[tuple]:
     """``(network, architecture)`` of each network of a run: itself, or each member of an ensemble."""
-    model = _unwrap(run.model)
-    if not run.record.members:
-        return [(model, run.record.architecture)]
-    from covidcxr.models.record import read_run_record
-
-    archs = [read_run_record(Path(run.run_dir) / m, verify=False).architecture for m in run.record.members]
-    return [(_unwrap(m), a) for m, a in zip(model.members, archs)]
+    return [(_unwrap(r.model), r.record.architecture) for r in (run.members or [run])]
 
 
 class _HeadInputs:

@@ -15,7 +15,6 @@ Every map is the library's output: non-negative, min-max scaled to [0, 1] per im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,8 +24,7 @@ from torch import nn
 from covidcxr.data.preprocess import PreprocessSpec, letterbox_box
 from covidcxr.errors import ConfigError
 from covidcxr.models.registry import get_architecture
-from covidcxr.models.record import RunRecord, read_run_record
-from covidcxr.models.run import EnsembleModel, FlipTTAModel, LoadedRun
+from covidcxr.models.run import FlipTTAModel, LoadedRun
 
 
 def _cam_classes() -> dict[str, type]:
@@ -93,22 +91,11 @@ def resolve_layer(model: nn.Module, architecture: str, layer: str | None = None)
     return module_name(model, get_architecture(architecture).cam_layer(model))
 
 
-def cam_models(run: LoadedRun, layer: str | None = None) -> list[CamModel]:
-    """The networks of a run, flattened through ensembles, each with its target layer."""
-    return _flatten(run.model, run.record, Path(run.run_dir), layer, 1.0)
-
-
-def _flatten(model: nn.Module, record: RunRecord, run_dir: Path, layer: str | None, weight: float) -> list[CamModel]:
-    if isinstance(model, EnsembleModel):
-        paths = record.members
-        if len(paths) != len(model.members):
-            raise ConfigError(f"{run_dir}: run.json lists {len(paths)} members but the model has {len(model.members)}")
-        out = []
-        for member, rel in zip(model.members, paths):
-            member_dir = run_dir / rel
-            out += _flatten(member, read_run_record(member_dir), member_dir, layer, weight / len(paths))
-        return out
-    arch = record.architecture
+def cam_models(run: LoadedRun, layer: str | None = None, weight: float = 1.0) -> list[CamModel]:
+    """The networks of a run, flattened through ensembles (``run.members``), each with its target layer."""
+    if run.members:
+        return [c for m in run.members for c in cam_models(m, layer, weight / len(run.members))]
+    model, arch = run.model, run.record.architecture
     if isinstance(model, FlipTTAModel):
         # The run averages the image and its mirror: explain the network on both, the mirror's map flipped back.
         net = model.model

@@ -180,6 +180,8 @@ class LoadedRun(RunView):
     model: nn.Module
     record: RunRecord = field(repr=False)
     backend: str = "torch"
+    #: An ensemble's member runs (their own directories and records), in ``record.members`` order.
+    members: list["LoadedRun"] = field(default_factory=list, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -212,6 +214,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
         # Members carry their own test-time augmentation; the ensemble averages the wrapped members.
         model = EnsembleModel([m.model for m in members])
     else:
+        members = []
         model_path = run_dir / MODEL_FILE
         verify_recorded_file(model_path, record.model_sha256)
         from safetensors.torch import load_file
@@ -220,6 +223,6 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
         model.load_state_dict(load_file(str(model_path)), strict=True)
         model = with_tta(model, record.tta)
     model.eval().to(device)
-    run = LoadedRun(run_dir=run_dir, model=model, record=record)
+    run = LoadedRun(run_dir=run_dir, model=model, record=record, members=members)
     run.lung_finder  # noqa: B018 - a missing or changed segmenter stops the load, not the first image
     return run
