@@ -103,6 +103,9 @@ RECIPES: dict[str, dict] = {
     "wsauc_roi_1pass": {"overrides": WSAUC + ROI + ONE_PASS,
                         "what": "wsauc_roi for one pass over every training image (issue 10: after the first pass "
                         "training learns the source)"},
+    "wsauc_roi_1pass_abn": {"overrides": WSAUC + ROI + ONE_PASS + ["train.auc_abnormal_weight=1.0"],
+                            "what": "wsauc_roi_1pass + a second within-source pairwise term (weight 1) that ranks "
+                            "pneumonia / other above normal inside every source (NIH, Kermany, ieee8023, Figure1)"},
     "plain_1pass": {"overrides": PLAIN + ONE_PASS,
                     "what": "plain (CE, shuffled, full images) for one pass over every training image: the recipe "
                     "closest to issue 10's best external row (a plain fine-tune after epoch 1)"},

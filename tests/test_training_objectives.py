@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from covidcxr.errors import ConfigError
 from covidcxr.training import load_config
-from covidcxr.training.objectives import (CrossEntropy, GroupDRO, WithinSourcePairwise, build_objective, cell_ids,
-                                          source_ids)
+from covidcxr.training.objectives import (CrossEntropy, GroupDRO, WithinSourcePairwise, abnormal_kinds,
+                                          build_objective, cell_ids, source_ids)
 
 
 # ---------------------------------------------------------------- objectives (unit)
@@ -87,6 +87,50 @@ def test_within_source_objective_needs_a_source_with_both_classes():
     obj, groups = build_objective(cfg, class_weights=None, sources=["a", "a", "b"], targets=[0, 1, 0],
                                   classes=["non-covid", "covid"], positive="covid")
     assert isinstance(obj, WithinSourcePairwise) and obj.positive == 1 and len(groups) == 3
+
+
+def test_abnormal_pairs_rank_disease_above_normal_lungs_inside_a_source_only():
+    """train.auc_abnormal_weight: (pneumonia, normal) pairs of one source; never across sources, never COVID."""
+    cfg = load_config(None, ["train.objective=within_source_auc", "train.auc_abnormal_weight=2.0",
+                             "train.auc_ce_weight=0"])
+    sources = ["nih", "nih", "kermany", "ieee", "ieee", "ieee"]
+    labels = ["pneumonia", "normal", "normal", "covid", "normal", "pneumonia"]
+    targets = [0, 0, 0, 1, 0, 0]
+    obj, groups = build_objective(cfg, class_weights=None, sources=sources, targets=targets,
+                                  classes=["non-covid", "covid"], positive="covid", labels=labels)
+    assert abnormal_kinds(labels).tolist() == [1, 0, 0, 1, 0, 1] and obj.abnormal_weight == 2.0
+    # NIH's pneumonia is scored BELOW its normal (misordered); Kermany's normal (another source) far above
+    # both; ieee's pneumonia above its normal; COVID above both of ieee's others
+    s = torch.tensor([-1.0, 1.0, 5.0, 3.0, -2.0, 0.5])
+    logits = torch.stack([torch.zeros(6), s], 1).requires_grad_(True)
+    y = torch.tensor(targets)
+    loss = obj(logits, F.one_hot(y, 2).float(), y, torch.as_tensor(groups))
+    assert obj.last_pairs == 2 and obj.last_abnormal_pairs == 2  # (nih pn, nih nl), (ieee pn, ieee nl)
+    covid_term = (F.softplus(torch.tensor(-(3.0 + 2.0))) + F.softplus(torch.tensor(-(3.0 - 0.5)))) / 2
+    abnormal_term = (F.softplus(torch.tensor(-(-1.0 - 1.0))) + F.softplus(torch.tensor(-(0.5 + 2.0)))) / 2
+    assert float(loss.detach()) == pytest.approx(float(covid_term + 2.0 * abnormal_term), rel=1e-6)
+    loss.backward()
+    assert logits.grad[2].abs().sum() == 0  # Kermany's lone normal pairs with nothing
+    assert logits.grad[0, 1] < 0 < logits.grad[1, 1]  # raise NIH's pneumonia, lower its normal
+    # off by default: the same batch gives the COVID pairs only
+    plain, _ = build_objective(load_config(None, ["train.objective=within_source_auc", "train.auc_ce_weight=0"]),
+                               class_weights=None, sources=sources, targets=targets, classes=["non-covid", "covid"],
+                               positive="covid", labels=labels)
+    plain_groups, _ = cell_ids(sources, targets)
+    got = plain(logits.detach(), F.one_hot(y, 2).float(), y, torch.as_tensor(plain_groups))
+    assert float(got) == pytest.approx(float(covid_term), rel=1e-6) and plain.abnormal_weight == 0.0
+
+
+def test_abnormal_pairs_need_a_source_with_both_and_the_pairwise_objective():
+    cfg = load_config(None, ["train.objective=within_source_auc", "train.auc_abnormal_weight=1"])
+    with pytest.raises(ConfigError, match="no training source holds both normal and abnormal"):
+        build_objective(cfg, class_weights=None, sources=["a", "a", "b"], targets=[1, 0, 0],
+                        classes=["non-covid", "covid"], positive="covid", labels=["covid", "normal", "pneumonia"])
+    with pytest.raises(ConfigError, match="manifest label"):
+        build_objective(cfg, class_weights=None, sources=["a", "a"], targets=[1, 0], classes=["non-covid", "covid"],
+                        positive="covid")
+    with pytest.raises(ConfigError, match="auc_abnormal_weight is a term of train.objective=within_source_auc"):
+        load_config(None, ["train.objective=ce", "train.auc_abnormal_weight=1"])
 
 
 # ---------------------------------------------------------------- LP-FT (unit)
@@ -164,7 +208,7 @@ class _Killed(RuntimeError):
     ["train.objective=group_dro", "train.sampler=source_balanced", "train.lp_epochs=1", "train.lp_lr=0.01",
      "model.backbone_lr_mult=0.2"],
     ["train.objective=within_source_auc", "train.sampler=source_balanced", "train.lp_epochs=2",
-     "augment.storage_stage=working"],
+     "augment.storage_stage=working", "train.auc_abnormal_weight=1.0"],
 ], ids=["lpft+group_dro", "lpft+within_source_auc"])
 def test_lpft_and_objectives_resume_bit_identically(split_manifest, tmp_path, monkeypatch, extra):
     """Stopped right after epoch 1's checkpoint (inside or at the end of the probe) and resumed:
@@ -200,6 +244,8 @@ def test_lpft_and_objectives_resume_bit_identically(split_manifest, tmp_path, mo
     assert [m["phase"] for m in metrics(ref)] == ["linear_probe"] * lp + ["finetune"] * (3 - lp)
     info = json.loads((ref / "run.json").read_text())["info"]
     assert info["lp_ft"]["lp_epochs"] == lp and info["objective"]["name"] == cfg.train.objective
+    if cfg.train.objective == "within_source_auc":
+        assert info["objective"]["abnormal_weight"] == cfg.train.auc_abnormal_weight == 1.0
     if cfg.train.objective == "group_dro":
         q = np.asarray(info["objective"]["group_weights"])
         # the weights moved (so resuming without them would have changed the result)

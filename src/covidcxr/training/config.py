@@ -176,6 +176,9 @@ class TrainConfig(_Section):
     objective: Literal["ce", "group_dro", "within_source_auc", "label_decomposition"] = "ce"
     dro_eta: float = Field(0.05, gt=0)
     auc_ce_weight: float = Field(0.5, ge=0)
+    # within_source_auc only: weight of a second pairwise term that ranks abnormal non-positive images
+    # (manifest label pneumonia / other) above normal ones of the same source. 0: off.
+    auc_abnormal_weight: float = Field(0.0, ge=0)
     decomposition_covid_weight: float = Field(1.0, gt=0)
     # Source-adversarial training (DANN; covidcxr.training.adversarial): a source classifier on the
     # penultimate features behind a gradient-reversal layer, its CE added to the objective with
@@ -252,6 +255,9 @@ class TrainingConfig(_Section):
         if t.objective != "ce" and a.enabled and (a.mixup_alpha > 0 or a.cutmix_alpha > 0):
             raise ValueError(f"train.objective={t.objective} works on per-image labels; it cannot be combined "
                              "with augment.mixup_alpha / augment.cutmix_alpha (set them to 0)")
+        if t.auc_abnormal_weight > 0 and t.objective != "within_source_auc":
+            raise ValueError(f"train.auc_abnormal_weight is a term of train.objective=within_source_auc; with "
+                             f"objective {t.objective} it would do nothing (set it to 0 or change the objective)")
         if t.objective == "label_decomposition" and t.sampler != "source_balanced":
             raise ValueError("train.objective=label_decomposition needs train.sampler=source_balanced: it balances "
                              "the classes inside each source, so that no source predicts a label in either contrast")

@@ -247,7 +247,8 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     loss_weights = class_loss_weights(config, train_ds)
     objective, item_groups = build_objective(config, class_weights=loss_weights, sources=train_ds.sources,
-                                             targets=train_ds.targets, classes=space.classes, positive=positive)
+                                             targets=train_ds.targets, classes=space.classes, positive=positive,
+                                             labels=train_ds.table["label"].to_numpy())
     objective.to(device)
     mixer = BatchMixer.from_config(config.augment, len(space.classes))
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=_collate,
