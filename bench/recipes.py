@@ -106,6 +106,10 @@ RECIPES: dict[str, dict] = {
     "wsauc_roi_1pass_abn": {"overrides": WSAUC + ROI + ONE_PASS + ["train.auc_abnormal_weight=1.0"],
                             "what": "wsauc_roi_1pass + a second within-source pairwise term (weight 1) that ranks "
                             "pneumonia / other above normal inside every source (NIH, Kermany, ieee8023, Figure1)"},
+    "wspairs_roi_1pass": {"overrides": WSAUC + ROI + ONE_PASS + ["train.auc_abnormal_weight=1.0", "train.auc_ce_weight=0"],
+                          "what": "wsauc_roi_1pass_abn without the cross-entropy term: every gradient compares two "
+                          "images of one source (COVID above the rest, disease above normal), so a collection's look "
+                          "can lower no term"},
     "plain_1pass": {"overrides": PLAIN + ONE_PASS,
                     "what": "plain (CE, shuffled, full images) for one pass over every training image: the recipe "
                     "closest to issue 10's best external row (a plain fine-tune after epoch 1)"},

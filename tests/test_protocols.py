@@ -88,6 +88,10 @@ def test_out_of_fold_scores_every_mixed_image_once_by_a_model_blind_to_its_patie
     assert 0 <= w["value"] <= 1 and w["ci_low"] <= w["value"] <= w["ci_high"]
     assert result["n"] == len(mixed) and result["positives"] == int((mixed.label == "covid").sum())
     assert json.loads((tmp_path / "oof.json").read_text())["within_source_auc"]["value"] == w["value"]
+    by = result["within_source_auc_by_negative_label"]  # COVID against each kind of negative alone
+    assert set(by) == set(mixed.loc[mixed.label != "covid", "label"])
+    paired = [by[k]["negatives_in_pairs"] for k in by if by[k]["value"] is not None]
+    assert paired and sum(paired) <= int((mixed.label != "covid").sum())
     weights = tmp_path / "fold_0" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     again = out_of_fold_within_source(config, small_manifest, tmp_path, folds=2)  # reuses the finished models

@@ -27,6 +27,21 @@ def test_a_pure_source_detector_scores_high_plain_auc_and_chance_within_sources(
     assert proxies.discrimination(y, disease, sources)["within_source_auc"]["value"] == 1.0
 
 
+def test_within_source_auc_by_negative_label_exposes_a_model_that_calls_the_collections_normals_covid():
+    """The pooled within-source AUC can look fine while every normal of the COVID collection scores as COVID."""
+    rng = np.random.default_rng(1)
+    sources = np.array(["A"] * 60 + ["B"] * 40)
+    labels = np.array(["covid"] * 30 + ["pneumonia"] * 24 + ["normal"] * 6 + ["normal"] * 20 + ["pneumonia"] * 20)
+    y = (labels == "covid").astype(int)
+    # COVID above pneumonia, but A's normals carry A's look and score above every COVID image
+    score = np.select([labels == "covid", labels == "pneumonia"], [0.6, 0.2], 0.9) + 0.05 * rng.random(len(y))
+    pooled = proxies.within_source_auc_defined(y, score, sources)["value"]
+    by = proxies.within_source_auc_by_negative_label(y, score, sources, labels)
+    assert sorted(by) == ["normal", "pneumonia"] and by["normal"]["sources_used"] == ["A"]  # B holds no COVID
+    assert by["normal"]["negatives_in_pairs"] == 6 and by["pneumonia"]["negatives_in_pairs"] == 24
+    assert by["pneumonia"]["value"] == 1.0 and by["normal"]["value"] == 0.0 and pooled == pytest.approx(0.8)
+
+
 def test_source_probe_separates_encoded_sources_and_not_random_ones():
     rng = np.random.default_rng(1)
     n = 240

@@ -41,6 +41,11 @@ def crossval(
         console.print(f"out-of-fold within-source AUC {w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] over "
                       f"{result['n']} images of {', '.join(result['sources'])} ({folds} folds); {out}/oof.json",
                       highlight=False, soft_wrap=True)
+        for label, d in result["within_source_auc_by_negative_label"].items():
+            value = "undefined (fewer than 2 in every COVID source)" if d["value"] is None else (
+                f"{d['value']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]")
+            console.print(f"  COVID vs {label} only: {value} ({d['negatives_in_pairs']} {label} images in pairs)",
+                          highlight=False, soft_wrap=True)
         return
     result = leave_one_source_out(cfg, manifest, out, seed=seed)
     for source, e in result["held_out"].items():

@@ -183,6 +183,25 @@ def within_source_auc_defined(y, score, sources) -> dict:
     return d
 
 
+def within_source_auc_by_negative_label(y, score, sources, labels) -> dict:
+    """The within-source AUC of the positives against each kind of negative alone, by manifest label.
+
+    In the shared COVID sources the negatives are mostly other pneumonias (ieee8023: 74 pneumonia,
+    11 normal, 7 other), so the pooled within-source AUC is mostly "COVID vs pneumonia". A hospital's
+    own COVID-vs-normal question is the ``normal`` entry: a model that calls a normal image of a COVID
+    collection COVID (the collection's look) fails it however well it ranks the pneumonias."""
+    y, score = np.asarray(y, int), np.asarray(score, float)
+    sources = np.asarray(sources, dtype=object).astype(str)
+    labels = np.asarray(labels, dtype=object).astype(str)
+    out = {}
+    for label in sorted(set(labels[y == 0])):
+        m = (y == 1) | (labels == label)
+        d = within_source_auc_defined(y[m], score[m], sources[m])
+        paired = (labels == label) & np.isin(sources, d.get("sources_used") or [])
+        out[label] = {"negatives_in_pairs": int(paired.sum()), **d}
+    return out
+
+
 def discrimination(y, score, sources) -> dict:
     """Plain AUC, within-source AUC and cross-source AUC (COVID vs one-class-source negatives), with CIs."""
     y, score, sources = np.asarray(y, int), np.asarray(score, float), np.asarray(sources, dtype=object).astype(str)

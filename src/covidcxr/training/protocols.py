@@ -94,7 +94,7 @@ def out_of_fold_within_source(config: TrainingConfig, manifest: Manifest, out_di
                               seed: int = 0) -> dict:
     """Out-of-fold within-source AUC over every image of the sources holding both classes (see module doc)."""
     from covidcxr.evaluation.metrics import auc_ci
-    from covidcxr.evaluation.proxies import within_source_auc_defined
+    from covidcxr.evaluation.proxies import within_source_auc_by_negative_label, within_source_auc_defined
 
     out_dir = Path(out_dir)
     keep, y = _targets(config, manifest)
@@ -119,6 +119,9 @@ def out_of_fold_within_source(config: TrainingConfig, manifest: Manifest, out_di
     result = {"protocol": "out_of_fold_within_source", "folds": folds, "seed": seed, "sources": mixed,
               "n": int(ok.sum()), "refused": int((~ok).sum()), "positives": int(yy[ok].sum()),
               "within_source_auc": within_source_auc_defined(yy[ok], ss[ok], sources[ok]),
+              # the same AUC against normals only / pneumonias only: a hospital's COVID-vs-normal is the first
+              "within_source_auc_by_negative_label": within_source_auc_by_negative_label(
+                  yy[ok], ss[ok], sources[ok], scores["label"].astype(str).to_numpy()[ok]),
               "pooled_auc_mixed_sources": auc_ci(yy[ok], ss[ok]).to_dict(),
               "per_source_auc": {s: auc_ci(yy[ok & (sources == s)], ss[ok & (sources == s)]).to_dict()
                                  for s in mixed if 0 < yy[ok & (sources == s)].sum() < (ok & (sources == s)).sum()}}

@@ -1,0 +1,138 @@
+"""Out-of-fold scores of several recipes, split by what the COVID images are contrasted with.
+
+    python bench/oof_contrasts.py --recipe NAME=OOF_SCORES.csv [--recipe ...] --baseline NAME
+                                  [--out bench/results/oof_contrasts.json]
+
+Each CSV is what ``bench/seed_ensemble.py`` writes beside its JSON: one row per ieee8023 / Figure1
+image, scored out of fold by every training seed's model (``seed_S`` columns) and their mean
+(``mean_probability``), all recipes on the same folds (``--fold-seed``). The within-source AUC these
+images give is mostly "COVID vs other pneumonia" (ieee8023 holds 74 pneumonias, 11 normals and 7
+others beside its 338 COVID images). A hospital's own COVID-vs-normal question - the external
+same-hospital test of issue 10 - is the "normal" contrast, on 14 normals only, so its CI is wide.
+For every recipe and way of scoring, this writes:
+
+* the pooled within-source AUC and the within-source AUC against normals only and against
+  pneumonias only (DeLong CIs, ``covidcxr.evaluation.proxies.within_source_auc_by_negative_label``);
+* the mean P(covid) of each label (a model that scores the COVID collections' normals like COVID has
+  learned the collections' look);
+* paired per-source DeLong differences against ``--baseline``, column by column, for each contrast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from recipes import _env, paired_within_source  # noqa: E402
+
+CONTRASTS = ("all", "normal", "pneumonia")
+
+
+def load_scores(recipes: dict[str, Path]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """One table: image, y, source, label, fold and a ``RECIPE|COLUMN`` column per score; the columns per recipe."""
+    from covidcxr.data.manifest import Manifest
+    from covidcxr.paths import data_root
+
+    labels = Manifest.read(data_root() / "manifest.csv").table[["image", "label"]]
+    table, columns = None, {}
+    for name, path in recipes.items():
+        t = pd.read_csv(path)
+        cols = [c for c in t.columns if c.startswith("seed_") or c == "mean_probability"]
+        if not cols:
+            raise SystemExit(f"{path}: no seed_S / mean_probability columns (write it with bench/seed_ensemble.py)")
+        t = t.rename(columns={c: f"{name}|{c}" for c in cols})
+        columns[name] = [f"{name}|{c}" for c in cols]
+        if table is None:
+            table = t[["image", "y", "source", "fold", *columns[name]]].merge(labels, on="image", how="left")
+            continue
+        merged = table.merge(t[["image", "fold", *columns[name]]], on="image", how="outer", suffixes=("", "_other"))
+        if merged["fold"].isna().any() or merged["fold_other"].isna().any() or \
+                not (merged["fold"] == merged["fold_other"]).all():
+            raise SystemExit(f"{path}: not the same images in the same folds as the first recipe (same --fold-seed?)")
+        table = merged.drop(columns=["fold_other"])
+    if table["label"].isna().any():
+        raise SystemExit("some scored images are not in the shared manifest")
+    return table, columns
+
+
+def contrast_mask(table: pd.DataFrame, contrast: str) -> np.ndarray:
+    y = table["y"].to_numpy()
+    if contrast == "all":
+        return np.ones(len(table), dtype=bool)
+    return (y == 1) | (table["label"].astype(str).to_numpy() == contrast)
+
+
+def describe(table: pd.DataFrame, column: str) -> dict:
+    from covidcxr.evaluation.proxies import within_source_auc_by_negative_label, within_source_auc_defined
+
+    ok = np.isfinite(table[column].to_numpy())
+    t = table[ok]
+    y, s, src, lab = (t["y"].to_numpy(), t[column].to_numpy(), t["source"].astype(str).to_numpy(),
+                      t["label"].astype(str).to_numpy())
+    return {"n": int(ok.sum()), "refused": int((~ok).sum()),
+            "within_source_auc": within_source_auc_defined(y, s, src),
+            "within_source_auc_by_negative_label": within_source_auc_by_negative_label(y, s, src, lab),
+            "mean_p_by_label": {k: float(v) for k, v in t.groupby("label")[column].mean().items()}}
+
+
+def compare(table: pd.DataFrame, column: str, base_column: str) -> dict:
+    out = {}
+    for contrast in CONTRASTS:
+        m = contrast_mask(table, contrast) & np.isfinite(table[column].to_numpy()) & \
+            np.isfinite(table[base_column].to_numpy())
+        t = table[m]
+        out[contrast] = paired_within_source(t["y"].to_numpy(), t[column].to_numpy(), t[base_column].to_numpy(),
+                                             t["source"].to_numpy())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", action="append", required=True, help="NAME=path/to/oof_scores.csv (repeatable)")
+    ap.add_argument("--baseline", required=True)
+    ap.add_argument("--out", default=str(HERE / "results" / "oof_contrasts.json"))
+    args = ap.parse_args()
+    for k, v in _env().items():
+        os.environ.setdefault(k, v)
+    from covidcxr.files import write_json
+
+    recipes = dict(r.split("=", 1) for r in args.recipe)
+    if args.baseline not in recipes:
+        raise SystemExit(f"--baseline {args.baseline!r} is not one of {sorted(recipes)}")
+    table, columns = load_scores({k: Path(v) for k, v in recipes.items()})
+    results = {c: describe(table, c) for cols in columns.values() for c in cols}
+    comparisons = []
+    for name, cols in columns.items():
+        if name == args.baseline:
+            continue
+        for c in cols:
+            way = c.split("|", 1)[1]
+            base = f"{args.baseline}|{way}"
+            if base in table:
+                comparisons.append({"recipe": name, "way": way, "versus": base, **compare(table, c, base)})
+    write_json(args.out, {"what": __doc__.split("\n\n")[0], "inputs": recipes, "baseline": args.baseline,
+                          "results": results, "comparisons": comparisons,
+                          "note": "within-source AUC pooled over the sources with >= 2 images of each class (DeLong "
+                                  "CI); 'normal' / 'pneumonia': the COVID images against those negatives only; "
+                                  "comparisons: paired per-source DeLong on the same images, pooled by pairs."})
+    print(f"{'recipe|way':45s} {'all':>7s} {'normal':>7s} {'pneu':>7s}   mean P: normal pneumonia covid")
+    for c, r in results.items():
+        by = r["within_source_auc_by_negative_label"]
+        p = r["mean_p_by_label"]
+        print(f"{c:45s} {r['within_source_auc']['value']:7.3f} {by['normal']['value']:7.3f} "
+              f"{by['pneumonia']['value']:7.3f}   {p['normal']:.3f} {p['pneumonia']:.3f} {p['covid']:.3f}")
+    for c in comparisons:
+        parts = "  ".join(f"{k} {c[k]['difference']:+.3f} (p={c[k]['p_value']:.3f})" for k in CONTRASTS)
+        print(f"{c['recipe']}|{c['way']} vs {c['versus']}: {parts}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
