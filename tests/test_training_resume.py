@@ -190,6 +190,14 @@ def test_seed_ensemble_members_share_their_rows_and_the_ensemble_is_their_mean(t
         run_training(None, tmp_path / "both", overrides=overrides + ["ensemble.seeds=[0, 1]"], folds=2)
     with pytest.raises(ConfigError, match="different training seeds"):
         run_training(None, tmp_path / "same", overrides=overrides + ["ensemble.seeds=[3, 3]"])
+    # Another train.seed trains other members (it used to be ignored by a seed ensemble).
+    again = run_training(None, tmp_path / "seed1", overrides=overrides + ["ensemble.seeds=[0, 1]", "train.seed=1"])
+    again_record = json.loads((again / "run.json").read_text())
+    assert again_record["members"] == ["members/seed_1000", "members/seed_1001"]
+    assert again_record["info"]["ensemble"]["seeds"] == [1000, 1001]
+    assert sha256_file(again / "members/seed_1000/model.safetensors") != sha256_file(members[0] / "model.safetensors")
+    with pytest.raises(ConfigError, match="ensemble.seeds"):
+        run_training(None, tmp_path / "big", overrides=overrides + ["ensemble.seeds=[0, 1000]"])
 
 
 def test_an_ensemble_under_torchrun_is_refused_before_anything_is_written(tiny, tmp_path, monkeypatch):

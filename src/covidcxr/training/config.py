@@ -13,7 +13,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -222,11 +222,26 @@ class TrainConfig(_Section):
         return self
 
 
+#: A seed ensemble's member trains with ``train.seed x SEED_STRIDE + s`` for each ``s`` of ``ensemble.seeds``.
+SEED_STRIDE = 1000
+
+
 class EnsembleConfig(_Section):
     folds: Optional[int] = Field(None, ge=2)  # k-fold ensemble (also: `covidcxr train --folds K`)
-    seeds: list[int] = []  # seed ensemble: one member per training seed on the same rows, e.g. [0, 1, 2]
+    # seed ensemble: one member per seed on the same rows, e.g. [0, 1, 2]; the members train with
+    # train.seed x 1000 + each of these (member_seeds), so train.seed 0 gives exactly these seeds and
+    # another train.seed another set of members
+    seeds: list[Annotated[int, Field(ge=0, lt=SEED_STRIDE)]] = []
     fold_column: str = "fold"
     tta: list[Literal["hflip"]] = []  # test-time augmentation recorded in the run, applied at inference
+
+
+def member_seeds(config: "TrainingConfig") -> list[int]:
+    """The training seed of each member of a seed ensemble.
+
+    Why not ``ensemble.seeds`` alone: ``train.seed`` would then change nothing in an ensemble, and a
+    user (or a benchmark) who trains "the main job with another seed" would get the same members."""
+    return [config.train.seed * SEED_STRIDE + int(s) for s in config.ensemble.seeds]
 
 
 class TrainingConfig(_Section):
