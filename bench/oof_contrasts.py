@@ -1,11 +1,14 @@
 """Out-of-fold scores of several recipes, split by what the COVID images are contrasted with.
 
-    python bench/oof_contrasts.py --recipe NAME=OOF_SCORES.csv [--recipe ...] --baseline NAME
+    python bench/oof_contrasts.py --recipe NAME=SCORES.csv | NAME:SEED=oof_scores.csv [--recipe ...] --baseline NAME
                                   [--out bench/results/oof_contrasts.json]
 
-Each CSV is what ``bench/seed_ensemble.py`` writes beside its JSON: one row per ieee8023 / Figure1
-image, scored out of fold by every training seed's model (``seed_S`` columns) and their mean
-(``mean_probability``), all recipes on the same folds (``--fold-seed``). The within-source AUC these
+``NAME=SCORES.csv`` is what ``bench/seed_ensemble.py`` writes beside its JSON: one row per ieee8023 /
+Figure1 image, scored out of fold by every training seed's model (``seed_S`` columns) and their mean
+(``mean_probability``). ``NAME:SEED=.../oof/oof_scores.csv`` is one protocol run's own file
+(``covidcxr crossval --protocol oof``, ``bench/recipe_protocols.py``); the seeds given for a name
+become its ``seed_S`` columns, and their mean its ``mean_probability`` when there are several. All
+inputs must hold the same images in the same folds (the same ``--fold-seed``). The within-source AUC these
 images give is mostly "COVID vs other pneumonia" (ieee8023 holds 74 pneumonias, 11 normals and 7
 others beside its 338 COVID images). A hospital's own COVID-vs-normal question - the external
 same-hospital test of issue 10 - is the "normal" contrast, on 14 normals only, so its CI is wide.
@@ -43,7 +46,7 @@ def load_scores(recipes: dict[str, Path]) -> tuple[pd.DataFrame, dict[str, list[
     labels = Manifest.read(data_root() / "manifest.csv").table[["image", "label"]]
     table, columns = None, {}
     for name, path in recipes.items():
-        t = pd.read_csv(path)
+        t = path if isinstance(path, pd.DataFrame) else pd.read_csv(path)
         cols = [c for c in t.columns if c.startswith("seed_") or c == "mean_probability"]
         if not cols:
             raise SystemExit(f"{path}: no seed_S / mean_probability columns (write it with bench/seed_ensemble.py)")
@@ -60,6 +63,36 @@ def load_scores(recipes: dict[str, Path]) -> tuple[pd.DataFrame, dict[str, list[
     if table["label"].isna().any():
         raise SystemExit("some scored images are not in the shared manifest")
     return table, columns
+
+
+def gather(recipes: dict[str, str]) -> dict[str, Path | pd.DataFrame]:
+    """``NAME:SEED`` protocol files joined into one seed_ensemble-style table per name; ``NAME`` files as they are."""
+    out: dict[str, Path | pd.DataFrame] = {}
+    seeds: dict[str, dict[int, str]] = {}
+    for key, path in recipes.items():
+        if ":" in key:
+            name, seed = key.split(":", 1)
+            seeds.setdefault(name, {})[int(seed)] = path
+        else:
+            out[key] = Path(path)
+    for name, by_seed in seeds.items():
+        if name in out:
+            raise SystemExit(f"{name}: give either {name}=SCORES.csv or {name}:SEED=oof_scores.csv entries")
+        table = None
+        for seed, path in sorted(by_seed.items()):
+            t = pd.read_csv(path)[["image", "y", "source", "fold", "score"]].rename(columns={"score": f"seed_{seed}"})
+            if table is None:
+                table = t
+                continue
+            merged = table.merge(t, on="image", how="outer", suffixes=("", "_other"))
+            if merged["fold_other"].isna().any() or not (merged["fold"] == merged["fold_other"]).all():
+                raise SystemExit(f"{path}: not the same images in the same folds as {name}'s other seeds")
+            table = merged.drop(columns=["y_other", "source_other", "fold_other"])
+        cols = [f"seed_{s}" for s in sorted(by_seed)]
+        if len(cols) > 1:
+            table["mean_probability"] = table[cols].mean(axis=1, skipna=False)
+        out[name] = table
+    return out
 
 
 def contrast_mask(table: pd.DataFrame, contrast: str) -> np.ndarray:
@@ -104,9 +137,9 @@ def main() -> None:
     from covidcxr.files import write_json
 
     recipes = dict(r.split("=", 1) for r in args.recipe)
-    if args.baseline not in recipes:
+    if args.baseline not in {k.split(":")[0] for k in recipes}:
         raise SystemExit(f"--baseline {args.baseline!r} is not one of {sorted(recipes)}")
-    table, columns = load_scores({k: Path(v) for k, v in recipes.items()})
+    table, columns = load_scores(gather(recipes))
     results = {c: describe(table, c) for cols in columns.values() for c in cols}
     comparisons = []
     for name, cols in columns.items():
