@@ -18,7 +18,11 @@ For every recipe and way of scoring, this writes:
   pneumonias only (DeLong CIs, ``covidcxr.evaluation.proxies.within_source_auc_by_negative_label``);
 * the mean P(covid) of each label (a model that scores the COVID collections' normals like COVID has
   learned the collections' look);
-* paired per-source DeLong differences against ``--baseline``, column by column, for each contrast.
+* paired per-source DeLong differences against ``--baseline``, column by column, for each contrast;
+* for protocol inputs, each fold model's validation AUC over all its validation rows (every source,
+  so mostly COVID against the negatives of *other* collections): the within-source contrasts cannot
+  see a recipe that loses the cross-source order, which the external "unseen COVID vs negatives"
+  test needs.
 """
 
 from __future__ import annotations
@@ -65,6 +69,17 @@ def load_scores(recipes: dict[str, Path]) -> tuple[pd.DataFrame, dict[str, list[
     return table, columns
 
 
+def fold_val_aucs(oof_scores: Path) -> list[float]:
+    """The validation AUC (all sources) of each fold model beside an ``oof_scores.csv``, from its run record."""
+    import json
+
+    return [round(float(json.loads((d / "run.json").read_text())["info"]["val_metrics"]["val_auc"]), 4)
+            for d in sorted(oof_scores.parent.glob("fold_*")) if (d / "run.json").is_file()]
+
+
+fold_val_auc: dict[str, dict[str, list[float]]] = {}
+
+
 def gather(recipes: dict[str, str]) -> dict[str, Path | pd.DataFrame]:
     """``NAME:SEED`` protocol files joined into one seed_ensemble-style table per name; ``NAME`` files as they are."""
     out: dict[str, Path | pd.DataFrame] = {}
@@ -88,6 +103,7 @@ def gather(recipes: dict[str, str]) -> dict[str, Path | pd.DataFrame]:
             if merged["fold_other"].isna().any() or not (merged["fold"] == merged["fold_other"]).all():
                 raise SystemExit(f"{path}: not the same images in the same folds as {name}'s other seeds")
             table = merged.drop(columns=["y_other", "source_other", "fold_other"])
+        fold_val_auc[name] = {f"seed_{seed}": fold_val_aucs(Path(path)) for seed, path in sorted(by_seed.items())}
         cols = [f"seed_{s}" for s in sorted(by_seed)]
         if len(cols) > 1:
             table["mean_probability"] = table[cols].mean(axis=1, skipna=False)
@@ -150,8 +166,12 @@ def main() -> None:
             base = f"{args.baseline}|{way}"
             if base in table:
                 comparisons.append({"recipe": name, "way": way, "versus": base, **compare(table, c, base)})
+    score_cols = [c for cols in columns.values() for c in cols]
+    # Spearman correlation of every pair of score columns: how alike two trained models rank the same images
+    correlation = table[score_cols].corr(method="spearman").round(3).to_dict()
     write_json(args.out, {"what": __doc__.split("\n\n")[0], "inputs": recipes, "baseline": args.baseline,
-                          "results": results, "comparisons": comparisons,
+                          "spearman_between_score_columns": correlation,
+                          "results": results, "comparisons": comparisons, "fold_models_val_auc": fold_val_auc,
                           "note": "within-source AUC pooled over the sources with >= 2 images of each class (DeLong "
                                   "CI); 'normal' / 'pneumonia': the COVID images against those negatives only; "
                                   "comparisons: paired per-source DeLong on the same images, pooled by pairs."})
@@ -164,6 +184,9 @@ def main() -> None:
     for c in comparisons:
         parts = "  ".join(f"{k} {c[k]['difference']:+.3f} (p={c[k]['p_value']:.3f})" for k in CONTRASTS)
         print(f"{c['recipe']}|{c['way']} vs {c['versus']}: {parts}")
+    for name, by_seed in fold_val_auc.items():
+        print(f"{name}: fold models' validation AUC (all sources) " +
+              "; ".join(f"{k} {', '.join(f'{v:.3f}' for v in vals)}" for k, vals in by_seed.items()))
     print(f"wrote {args.out}")
 
 
