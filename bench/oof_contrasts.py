@@ -156,6 +156,8 @@ def main() -> None:
     if args.baseline not in {k.split(":")[0] for k in recipes}:
         raise SystemExit(f"--baseline {args.baseline!r} is not one of {sorted(recipes)}")
     table, columns = load_scores(gather(recipes))
+    scores_csv = Path(args.out).with_name(Path(args.out).stem + "_scores.csv")  # beside the JSON, for re-analysis
+    table.to_csv(scores_csv, index=False)
     results = {c: describe(table, c) for cols in columns.values() for c in cols}
     comparisons = []
     for name, cols in columns.items():
@@ -169,7 +171,8 @@ def main() -> None:
     score_cols = [c for cols in columns.values() for c in cols]
     # Spearman correlation of every pair of score columns: how alike two trained models rank the same images
     correlation = table[score_cols].corr(method="spearman").round(3).to_dict()
-    write_json(args.out, {"what": __doc__.split("\n\n")[0], "inputs": recipes, "baseline": args.baseline,
+    write_json(args.out, {"what": __doc__.split("\n\n")[0], "inputs": recipes, "scores_csv": scores_csv.name,
+                          "baseline": args.baseline,
                           "spearman_between_score_columns": correlation,
                           "results": results, "comparisons": comparisons, "fold_models_val_auc": fold_val_auc,
                           "note": "within-source AUC pooled over the sources with >= 2 images of each class (DeLong "
