@@ -15,7 +15,7 @@ same-hospital test of issue 10 - is the "normal" contrast, on 14 normals only, s
 For every recipe and way of scoring, this writes:
 
 * the pooled within-source AUC and the within-source AUC against normals only and against
-  pneumonias only (DeLong CIs, ``covidcxr.evaluation.proxies.within_source_auc_by_negative_label``);
+  pneumonias only (DeLong CIs, ``covidcxr.evaluation.within_source.within_source_auc_by_negative_label``);
 * the mean P(covid) of each label (a model that scores the COVID collections' normals like COVID has
   learned the collections' look);
 * paired per-source DeLong differences against ``--baseline``, column by column, for each contrast;
@@ -119,7 +119,7 @@ def contrast_mask(table: pd.DataFrame, contrast: str) -> np.ndarray:
 
 
 def describe(table: pd.DataFrame, column: str) -> dict:
-    from covidcxr.evaluation.proxies import within_source_auc_by_negative_label, within_source_auc_defined
+    from covidcxr.evaluation.within_source import within_source_auc_by_negative_label, within_source_auc_defined
 
     ok = np.isfinite(table[column].to_numpy())
     t = table[ok]

@@ -192,7 +192,7 @@ def _scores(work: Path, recipe: str, seed: int) -> pd.DataFrame:
 def paired_within_source(y, a, b, sources) -> dict:
     """Paired DeLong for the within-source AUC: per source with >= 2 of each class, pooled by pair weights."""
     from covidcxr.evaluation.metrics import delong_test
-    from covidcxr.evaluation.proxies import defined_sources
+    from covidcxr.evaluation.within_source import defined_sources
 
     y, a, b, sources = np.asarray(y), np.asarray(a), np.asarray(b), np.asarray(sources).astype(str)
     used = defined_sources(y, sources)

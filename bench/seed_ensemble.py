@@ -89,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     for k, v in _env().items():
         os.environ.setdefault(k, v)
-    from covidcxr.evaluation.proxies import within_source_auc_defined
+    from covidcxr.evaluation.within_source import within_source_auc_defined
     from covidcxr.files import write_json
 
     seeds = [int(s) for s in args.train_seeds.split(",")]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidcxr.evaluation import proxies, proxy_images
+from covidcxr.evaluation import proxies, proxy_images, within_source
 
 
 def test_a_pure_source_detector_scores_high_plain_auc_and_chance_within_sources():
@@ -35,8 +35,8 @@ def test_within_source_auc_by_negative_label_exposes_a_model_that_calls_the_coll
     y = (labels == "covid").astype(int)
     # COVID above pneumonia, but A's normals carry A's look and score above every COVID image
     score = np.select([labels == "covid", labels == "pneumonia"], [0.6, 0.2], 0.9) + 0.05 * rng.random(len(y))
-    pooled = proxies.within_source_auc_defined(y, score, sources)["value"]
-    by = proxies.within_source_auc_by_negative_label(y, score, sources, labels)
+    pooled = within_source.within_source_auc_defined(y, score, sources)["value"]
+    by = within_source.within_source_auc_by_negative_label(y, score, sources, labels)
     assert sorted(by) == ["normal", "pneumonia"] and by["normal"]["sources_used"] == ["A"]  # B holds no COVID
     assert by["normal"]["negatives_in_pairs"] == 6 and by["pneumonia"]["negatives_in_pairs"] == 24
     assert by["pneumonia"]["value"] == 1.0 and by["normal"]["value"] == 0.0 and pooled == pytest.approx(0.8)

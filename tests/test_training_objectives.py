@@ -129,7 +129,7 @@ def test_abnormal_pairs_need_a_source_with_both_and_the_pairwise_objective():
     with pytest.raises(ConfigError, match="manifest label"):
         build_objective(cfg, class_weights=None, sources=["a", "a"], targets=[1, 0], classes=["non-covid", "covid"],
                         positive="covid")
-    with pytest.raises(ConfigError, match="auc_abnormal_weight is a term of train.objective=within_source_auc"):
+    with pytest.raises(ConfigError, match="auc_abnormal_weight is a term of objective within_source_auc, not ce"):
         load_config(None, ["train.objective=ce", "train.auc_abnormal_weight=1"])
 
 

@@ -43,6 +43,7 @@ from covidcxr.evaluation.metrics import auc_ci, auc_score, bootstrap_ci, wilson_
 from covidcxr.evaluation.proxy_images import (LUNG_DILATE, QUALITIES, TEMPLATE_LEVEL, TEMPLATE_SIZE, lung_template,
                                               masked_copies, resaved_copies, segmented_lungs)
 from covidcxr.evaluation.source_probe import source_probe
+from covidcxr.evaluation.within_source import one_class_sources, within_source_auc_defined
 from covidcxr.files import jsonable, write_json
 
 
@@ -152,54 +153,6 @@ def split_rows(run, split: str = "test") -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- discrimination
-
-
-def one_class_sources(y: np.ndarray, sources: np.ndarray) -> set[str]:
-    t = pd.DataFrame({"s": sources, "y": y})
-    return {s for s, g in t.groupby("s") if g["y"].nunique() == 1}
-
-
-def defined_sources(y: np.ndarray, sources: np.ndarray, minimum: int = 2) -> list[str]:
-    """Sources holding at least ``minimum`` positives and negatives (where DeLong has a variance)."""
-    t = pd.DataFrame({"s": sources, "y": y})
-    return sorted(s for s, g in t.groupby("s") if g["y"].sum() >= minimum and (1 - g["y"]).sum() >= minimum)
-
-
-def within_source_auc_defined(y, score, sources) -> dict:
-    """Within-source AUC over the sources with >= 2 images of each class, so that it has a CI.
-
-    (The shared test split's Figure1 part holds a single normal image: with it the pooled DeLong CI
-    is undefined, so it is left out here and named in ``sources_left_out``; ``within_source_auc_all``
-    keeps it.)"""
-    y, score = np.asarray(y, int), np.asarray(score, float)
-    sources = np.asarray(sources, dtype=object).astype(str)
-    keep_sources = defined_sources(y, sources)
-    mixed = sorted(set(sources) - one_class_sources(y, sources))
-    if not keep_sources:
-        return {"value": None, "ci_low": None, "ci_high": None, "note": "no source with >= 2 images of each class"}
-    m = np.isin(sources, keep_sources)
-    d = within_source_auc_details(y[m], score[m], sources[m])
-    d["sources_left_out"] = [s for s in mixed if s not in keep_sources]
-    return d
-
-
-def within_source_auc_by_negative_label(y, score, sources, labels) -> dict:
-    """The within-source AUC of the positives against each kind of negative alone, by manifest label.
-
-    In the shared COVID sources the negatives are mostly other pneumonias (ieee8023: 74 pneumonia,
-    11 normal, 7 other), so the pooled within-source AUC is mostly "COVID vs pneumonia". A hospital's
-    own COVID-vs-normal question is the ``normal`` entry: a model that calls a normal image of a COVID
-    collection COVID (the collection's look) fails it however well it ranks the pneumonias."""
-    y, score = np.asarray(y, int), np.asarray(score, float)
-    sources = np.asarray(sources, dtype=object).astype(str)
-    labels = np.asarray(labels, dtype=object).astype(str)
-    out = {}
-    for label in sorted(set(labels[y == 0])):
-        m = (y == 1) | (labels == label)
-        d = within_source_auc_defined(y[m], score[m], sources[m])
-        paired = (labels == label) & np.isin(sources, d.get("sources_used") or [])
-        out[label] = {"negatives_in_pairs": int(paired.sum()), **d}
-    return out
 
 
 def discrimination(y, score, sources) -> dict:

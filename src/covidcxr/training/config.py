@@ -170,15 +170,12 @@ class TrainConfig(_Section):
     # Training objective (covidcxr.training.objectives): ce (cross-entropy); group_dro (worst-group
     # weighting over (source, class) cells, online exponentiated-gradient weights with step dro_eta);
     # within_source_auc (logistic pairwise loss on positive-negative pairs of the SAME source in a
-    # batch, plus auc_ce_weight x cross-entropy).
-    # label_decomposition (3class): P(abnormal) on pneumonia-vs-normal inside sources x P(covid | abnormal)
+    # batch, plus auc_ce_weight x cross-entropy); label_decomposition (3class): P(abnormal) on pneumonia-vs-normal inside sources x P(covid | abnormal)
     # on COVID-vs-pneumonia inside sources (covidcxr.training.decomposition); needs sampler source_balanced.
     objective: Literal["ce", "group_dro", "within_source_auc", "label_decomposition"] = "ce"
     dro_eta: float = Field(0.05, gt=0)
     auc_ce_weight: float = Field(0.5, ge=0)
-    # within_source_auc only: weight of a second pairwise term that ranks abnormal non-positive images
-    # (manifest label pneumonia / other) above normal ones of the same source. 0: off.
-    auc_abnormal_weight: float = Field(0.0, ge=0)
+    auc_abnormal_weight: float = Field(0.0, ge=0)  # within_source_auc: pneumonia-above-normal pairs too; 0: off
     decomposition_covid_weight: float = Field(1.0, gt=0)
     # Source-adversarial training (DANN; covidcxr.training.adversarial): a source classifier on the
     # penultimate features behind a gradient-reversal layer, its CE added to the objective with
@@ -222,26 +219,11 @@ class TrainConfig(_Section):
         return self
 
 
-#: A seed ensemble's member trains with ``train.seed x SEED_STRIDE + s`` for each ``s`` of ``ensemble.seeds``.
-SEED_STRIDE = 1000
-
-
 class EnsembleConfig(_Section):
     folds: Optional[int] = Field(None, ge=2)  # k-fold ensemble (also: `covidcxr train --folds K`)
-    # seed ensemble: one member per seed on the same rows, e.g. [0, 1, 2]; the members train with
-    # train.seed x 1000 + each of these (member_seeds), so train.seed 0 gives exactly these seeds and
-    # another train.seed another set of members
-    seeds: list[Annotated[int, Field(ge=0, lt=SEED_STRIDE)]] = []
+    seeds: list[Annotated[int, Field(ge=0, lt=1000)]] = []  # seed ensemble, e.g. [0, 1, 2]: see member_seeds
     fold_column: str = "fold"
     tta: list[Literal["hflip"]] = []  # test-time augmentation recorded in the run, applied at inference
-
-
-def member_seeds(config: "TrainingConfig") -> list[int]:
-    """The training seed of each member of a seed ensemble.
-
-    Why not ``ensemble.seeds`` alone: ``train.seed`` would then change nothing in an ensemble, and a
-    user (or a benchmark) who trains "the main job with another seed" would get the same members."""
-    return [config.train.seed * SEED_STRIDE + int(s) for s in config.ensemble.seeds]
 
 
 class TrainingConfig(_Section):
@@ -254,6 +236,10 @@ class TrainingConfig(_Section):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    def member_seeds(self) -> list[int]:
+        """Each seed-ensemble member's training seed, train.seed x 1000 + s: so train.seed changes the members."""
+        return [self.train.seed * 1000 + s for s in self.ensemble.seeds]
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -271,8 +257,7 @@ class TrainingConfig(_Section):
             raise ValueError(f"train.objective={t.objective} works on per-image labels; it cannot be combined "
                              "with augment.mixup_alpha / augment.cutmix_alpha (set them to 0)")
         if t.auc_abnormal_weight > 0 and t.objective != "within_source_auc":
-            raise ValueError(f"train.auc_abnormal_weight is a term of train.objective=within_source_auc; with "
-                             f"objective {t.objective} it would do nothing (set it to 0 or change the objective)")
+            raise ValueError(f"train.auc_abnormal_weight is a term of objective within_source_auc, not {t.objective}")
         if t.objective == "label_decomposition" and t.sampler != "source_balanced":
             raise ValueError("train.objective=label_decomposition needs train.sampler=source_balanced: it balances "
                              "the classes inside each source, so that no source predicts a label in either contrast")

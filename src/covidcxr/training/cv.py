@@ -17,7 +17,7 @@ point ``run_training``.
 
 ``train_seed_ensemble(config, out_dir, seeds=[0, 1, 2])`` (config key ``ensemble.seeds``): one member
 per training seed, in ``RUN_DIR/members/seed_S``, all on the same train / val rows. The members'
-seeds are ``train.seed x 1000 + ensemble.seeds`` (``training.config.member_seeds``): train.seed 0 gives
+seeds are ``train.seed x 1000 + ensemble.seeds`` (``TrainingConfig.member_seeds``): train.seed 0 gives
 the listed seeds, train.seed 1 the members 1000, 1001, ... Issue 10 measured
 one recipe's external AUC swinging by up to 0.27 between training seeds; the mean of the members'
 probabilities is what a user then gets instead of one draw. The threshold is chosen on the mean of the
@@ -38,7 +38,7 @@ from covidcxr.files import atomic_write_bytes
 from covidcxr.models.record import RUN_JSON, read_run_record
 from covidcxr.models.run import save_ensemble
 from covidcxr.models.run_split import write_run_split
-from covidcxr.training.config import TrainingConfig, dump_config, load_config, member_seeds
+from covidcxr.training.config import TrainingConfig, dump_config, load_config
 from covidcxr.training.distributed import torchrun_world_size
 from covidcxr.training.loop import fit
 from covidcxr.training.rows import TrainingData, data_counts, prepare_training_data, split_column_used
@@ -113,7 +113,7 @@ def train_seed_ensemble(config: TrainingConfig, out_dir: str | Path, *, seeds: l
                         manifest: Manifest | None = None, resume: bool = False) -> Path:
     """Train one member per training seed on the same train / val rows into ``out_dir`` (see module docstring)."""
     out_dir = Path(out_dir)
-    seeds = [int(s) for s in seeds] if seeds is not None else member_seeds(config)
+    seeds = [int(s) for s in seeds] if seeds is not None else config.member_seeds()
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"config key ensemble.seeds: need >= 2 different training seeds, got {seeds}")
     _start_ensemble(config, out_dir, resume)

@@ -94,7 +94,7 @@ def out_of_fold_within_source(config: TrainingConfig, manifest: Manifest, out_di
                               seed: int = 0) -> dict:
     """Out-of-fold within-source AUC over every image of the sources holding both classes (see module doc)."""
     from covidcxr.evaluation.metrics import auc_ci
-    from covidcxr.evaluation.proxies import within_source_auc_by_negative_label, within_source_auc_defined
+    from covidcxr.evaluation.within_source import within_source_auc_by_negative_label, within_source_auc_defined
 
     out_dir = Path(out_dir)
     keep, y = _targets(config, manifest)
