@@ -42,7 +42,17 @@ from recipes import _env, paired_within_source  # noqa: E402
 CONTRASTS = ("all", "normal", "pneumonia")
 
 
-def load_scores(recipes: dict[str, Path]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+def merge_same_folds(table: pd.DataFrame | None, t: pd.DataFrame, columns: list[str], what: str) -> pd.DataFrame:
+    """``table`` with ``t``'s ``columns`` added; refused unless both hold the same images in the same folds."""
+    if table is None:
+        return t
+    merged = table.merge(t[["image", "fold", *columns]], on="image", how="outer", suffixes=("", "_other"))
+    if merged[["fold", "fold_other"]].isna().any().any() or not (merged["fold"] == merged["fold_other"]).all():
+        raise SystemExit(f"{what}: not the same images in the same folds as the inputs before it (same --fold-seed?)")
+    return merged.drop(columns=["fold_other"])
+
+
+def load_scores(recipes: dict[str, Path | pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """One table: image, y, source, label, fold and a ``RECIPE|COLUMN`` column per score; the columns per recipe."""
     from covidcxr.data.manifest import Manifest
     from covidcxr.paths import data_root
@@ -54,16 +64,10 @@ def load_scores(recipes: dict[str, Path]) -> tuple[pd.DataFrame, dict[str, list[
         cols = [c for c in t.columns if c.startswith("seed_") or c == "mean_probability"]
         if not cols:
             raise SystemExit(f"{path}: no seed_S / mean_probability columns (write it with bench/seed_ensemble.py)")
-        t = t.rename(columns={c: f"{name}|{c}" for c in cols})
         columns[name] = [f"{name}|{c}" for c in cols]
-        if table is None:
-            table = t[["image", "y", "source", "fold", *columns[name]]].merge(labels, on="image", how="left")
-            continue
-        merged = table.merge(t[["image", "fold", *columns[name]]], on="image", how="outer", suffixes=("", "_other"))
-        if merged["fold"].isna().any() or merged["fold_other"].isna().any() or \
-                not (merged["fold"] == merged["fold_other"]).all():
-            raise SystemExit(f"{path}: not the same images in the same folds as the first recipe (same --fold-seed?)")
-        table = merged.drop(columns=["fold_other"])
+        t = t.rename(columns=dict(zip(cols, columns[name])))[["image", "y", "source", "fold", *columns[name]]]
+        table = merge_same_folds(table, t, columns[name], f"{name} ({path if isinstance(path, Path) else 'seeds'})")
+    table = table.merge(labels, on="image", how="left")
     if table["label"].isna().any():
         raise SystemExit("some scored images are not in the shared manifest")
     return table, columns
@@ -77,33 +81,36 @@ def fold_val_aucs(oof_scores: Path) -> list[float]:
             for d in sorted(oof_scores.parent.glob("fold_*")) if (d / "run.json").is_file()]
 
 
-fold_val_auc: dict[str, dict[str, list[float]]] = {}
-
-
-def gather(recipes: dict[str, str]) -> dict[str, Path | pd.DataFrame]:
-    """``NAME:SEED`` protocol files joined into one seed_ensemble-style table per name; ``NAME`` files as they are."""
-    out: dict[str, Path | pd.DataFrame] = {}
-    seeds: dict[str, dict[int, str]] = {}
-    for key, path in recipes.items():
-        if ":" in key:
-            name, seed = key.split(":", 1)
-            seeds.setdefault(name, {})[int(seed)] = path
+def parse_inputs(items: list[str]) -> tuple[dict[str, Path], dict[str, dict[int, Path]]]:
+    """``--recipe`` values: ``NAME=SCORES.csv`` files, and ``NAME:SEED=oof_scores.csv`` files per name and seed."""
+    files: dict[str, Path] = {}
+    seeds: dict[str, dict[int, Path]] = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        name, colon, seed = key.partition(":")
+        if not sep or not name or not path or (colon and not seed.isdigit()):
+            raise SystemExit(f"--recipe {item!r}: expected NAME=SCORES.csv or NAME:SEED=oof_scores.csv (SEED a number)")
+        if not Path(path).is_file():
+            raise SystemExit(f"--recipe {item!r}: {path} is not a file")
+        if colon:
+            seeds.setdefault(name, {})[int(seed)] = Path(path)
         else:
-            out[key] = Path(path)
+            files[name] = Path(path)
+    both = sorted(set(files) & set(seeds))
+    if both:
+        raise SystemExit(f"{both[0]}: give either {both[0]}=SCORES.csv or {both[0]}:SEED=oof_scores.csv entries")
+    return files, seeds
+
+
+def gather(files: dict[str, Path], seeds: dict[str, dict[int, Path]]) -> dict[str, Path | pd.DataFrame]:
+    """Each name's ``NAME:SEED`` protocol files as one seed_ensemble-style table (``seed_S`` columns and their
+    mean); ``NAME=`` files as they are."""
+    out: dict[str, Path | pd.DataFrame] = dict(files)
     for name, by_seed in seeds.items():
-        if name in out:
-            raise SystemExit(f"{name}: give either {name}=SCORES.csv or {name}:SEED=oof_scores.csv entries")
         table = None
         for seed, path in sorted(by_seed.items()):
             t = pd.read_csv(path)[["image", "y", "source", "fold", "score"]].rename(columns={"score": f"seed_{seed}"})
-            if table is None:
-                table = t
-                continue
-            merged = table.merge(t, on="image", how="outer", suffixes=("", "_other"))
-            if merged["fold_other"].isna().any() or not (merged["fold"] == merged["fold_other"]).all():
-                raise SystemExit(f"{path}: not the same images in the same folds as {name}'s other seeds")
-            table = merged.drop(columns=["y_other", "source_other", "fold_other"])
-        fold_val_auc[name] = {f"seed_{seed}": fold_val_aucs(Path(path)) for seed, path in sorted(by_seed.items())}
+            table = merge_same_folds(table, t, [f"seed_{seed}"], str(path))
         cols = [f"seed_{s}" for s in sorted(by_seed)]
         if len(cols) > 1:
             table["mean_probability"] = table[cols].mean(axis=1, skipna=False)
@@ -152,10 +159,12 @@ def main() -> None:
         os.environ.setdefault(k, v)
     from covidcxr.files import write_json
 
-    recipes = dict(r.split("=", 1) for r in args.recipe)
-    if args.baseline not in {k.split(":")[0] for k in recipes}:
-        raise SystemExit(f"--baseline {args.baseline!r} is not one of {sorted(recipes)}")
-    table, columns = load_scores(gather(recipes))
+    files, seeds = parse_inputs(args.recipe)
+    if args.baseline not in {*files, *seeds}:
+        raise SystemExit(f"--baseline {args.baseline!r} is not one of {sorted({*files, *seeds})}")
+    table, columns = load_scores(gather(files, seeds))
+    fold_val_auc = {name: {f"seed_{seed}": fold_val_aucs(path) for seed, path in sorted(by_seed.items())}
+                    for name, by_seed in seeds.items()}
     scores_csv = Path(args.out).with_name(Path(args.out).stem + "_scores.csv")  # beside the JSON, for re-analysis
     table.to_csv(scores_csv, index=False)
     results = {c: describe(table, c) for cols in columns.values() for c in cols}
@@ -171,7 +180,7 @@ def main() -> None:
     score_cols = [c for cols in columns.values() for c in cols]
     # Spearman correlation of every pair of score columns: how alike two trained models rank the same images
     correlation = table[score_cols].corr(method="spearman").round(3).to_dict()
-    write_json(args.out, {"what": __doc__.split("\n\n")[0], "inputs": recipes, "scores_csv": scores_csv.name,
+    write_json(args.out, {"what": __doc__.split("\n\n")[0], "inputs": args.recipe, "scores_csv": scores_csv.name,
                           "baseline": args.baseline,
                           "spearman_between_score_columns": correlation,
                           "results": results, "comparisons": comparisons, "fold_models_val_auc": fold_val_auc,

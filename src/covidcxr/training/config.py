@@ -167,11 +167,9 @@ class TrainConfig(_Section):
     selection_metric: Literal["auc", "within_source_auc", "val_loss"] = "within_source_auc"
     loss_weighting: Literal["none", "class_weighted"] = "none"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    # Training objective (covidcxr.training.objectives): ce (cross-entropy); group_dro (worst-group
-    # weighting over (source, class) cells, online exponentiated-gradient weights with step dro_eta);
-    # within_source_auc (logistic pairwise loss on positive-negative pairs of the SAME source in a
-    # batch, plus auc_ce_weight x cross-entropy); label_decomposition (3class): P(abnormal) on pneumonia-vs-normal inside sources x P(covid | abnormal)
-    # on COVID-vs-pneumonia inside sources (covidcxr.training.decomposition); needs sampler source_balanced.
+    # Training objective (covidcxr.training.objectives, docs/training.md): ce; group_dro over (source,
+    # class) cells (step dro_eta); within_source_auc, pairwise loss on same-source pairs + auc_ce_weight x CE;
+    # label_decomposition (3class, sampler source_balanced; covidcxr.training.decomposition).
     objective: Literal["ce", "group_dro", "within_source_auc", "label_decomposition"] = "ce"
     dro_eta: float = Field(0.05, gt=0)
     auc_ce_weight: float = Field(0.5, ge=0)

@@ -243,12 +243,8 @@ def build_objective(config: TrainingConfig, *, class_weights: torch.Tensor | Non
         return WithinSourcePairwise(pos, source_ids(cells), t.auc_ce_weight, class_weights, t.label_smoothing), groups
     if labels is None or len(labels) != len(targets):
         raise ConfigError("train.auc_abnormal_weight > 0 needs the manifest label of every training image")
-    groups, cells = cell_ids(sources, targets, abnormal_kinds(labels))
-    kinds_of = {}
-    for s, c, k in cells:
-        if c != pos:
-            kinds_of.setdefault(s, set()).add(k)
-    if not any(k == {0, 1} for k in kinds_of.values()):
+    groups, cells = cell_ids(sources, targets, abnormal_kinds(labels))  # cells (source, class, abnormal)
+    if not {s for s, c, k in cells if c != pos and k} & {s for s, c, k in cells if c != pos and not k}:
         raise ConfigError("config key train.auc_abnormal_weight: no training source holds both normal and abnormal "
                           f"non-{positive} images (manifest label 'normal' against any other); set it to 0")
     group_abnormal = torch.tensor([k for _, _, k in cells], dtype=torch.long)
