@@ -93,7 +93,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, mixer: BatchMixer, obje
     (covidcxr.training.adversarial) adds the source-adversarial loss."""
     t = config.train
     model.train()  # frozen BatchNorm layers stay in eval mode (hooks from apply_finetune)
-    cl = device.type == "cuda" and t.channels_last
+    cl = t.channels_last
     total_loss, n_seen, t0 = 0.0, 0, time.perf_counter()
     task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(loader) * loader.batch_sampler.batch_size,
                              loss=float("nan"))
@@ -237,7 +237,7 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
 
     model = sync_batchnorm(model, ctx, device)
     model.to(device)
-    if device.type == "cuda" and t.channels_last:
+    if t.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, groups)
     sampler = shard_sampler(make_batch_sampler(t.sampler, list(train_ds.targets), list(train_ds.sources),
@@ -306,7 +306,7 @@ def _fit(config: TrainingConfig, out_dir: str | Path, *, manifest: Manifest | No
             if ctx.is_main:
                 tv = time.perf_counter()
                 probs = predict_dataset(model, val_ds, batch_size=t.batch_size * 2, device=device, amp=t.amp,
-                                        channels_last=device.type == "cuda" and t.channels_last,
+                                        channels_last=t.channels_last,
                                         tta=config.ensemble.tta)
                 record.update(validation_metrics(probs, val_ds.targets, val_ds.sources, space.classes, positive))
                 record["val_seconds"] = time.perf_counter() - tv
