@@ -4,7 +4,8 @@
 
 What a researcher would write: ``PIL.Image.open(...).convert("L")``, ``transforms.Resize((S, S))``,
 ``ToTensor``, ``Normalize`` with the run's mean / std (grey repeated to the model's channels), a
-DataLoader and an ``inference_mode`` eval loop. No intensity standardisation, no hashing, no
+DataLoader and an ``inference_mode`` eval loop, on an NCHW model as timm creates it
+(``--channels-last``: NHWC, as a tuned script would). No intensity standardisation, no hashing, no
 journal, no plausibility checks, no resume: the work covidcxr does on top is what the comparison in
 ``bench/inference_baselines.py`` prices. The model and its weights come from the run directory
 (``load_run``), so both sides run the same network.
@@ -42,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_csv")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--channels-last", action="store_true",
+                    help="NHWC model and inputs (a tuned script); default NCHW, as timm / torchvision create models")
     a = ap.parse_args(argv)
     from covidcxr.models.run import load_run
 
     run = load_run(a.run_dir)  # the same weights as covidcxr predict (SHA-256 checked)
     spec, model = run.spec, run.model.eval()
+    # load_run keeps models channels-last (covidcxr's own choice); a plain script's model is NCHW.
+    model = model.to(memory_format=torch.channels_last if a.channels_last else torch.contiguous_format)
     channels = spec.channels
     transform = transforms.Compose([
         transforms.Resize((spec.image_size, spec.image_size)),
@@ -60,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with torch.inference_mode():
         for x, idx in loader:
+            if a.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             probs = model(x).softmax(dim=1).numpy()
             rows.extend((files[i], *p) for i, p in zip(idx.tolist(), probs))
     with open(a.out_csv, "w", newline="") as f:

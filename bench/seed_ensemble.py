@@ -78,6 +78,23 @@ def weight_average_scores(oof_dirs: dict[int, Path], folds: int) -> pd.DataFrame
     return pd.concat(parts, ignore_index=True)
 
 
+def members_by_size(base: pd.DataFrame, seed_cols: list[str], y: np.ndarray, src: np.ndarray) -> dict:
+    """Within-source AUC of the mean-probability ensemble of every subset of the seeds, by subset size:
+    how much does each extra member buy, and how bad is the worst draw of k members?"""
+    from itertools import combinations
+
+    from covidcxr.evaluation.within_source import within_source_auc_defined
+
+    out = {}
+    for k in range(1, len(seed_cols) + 1):
+        values = {"+".join(c): within_source_auc_defined(y, base[list(c)].mean(axis=1).to_numpy(), src)["value"]
+                  for c in combinations(seed_cols, k)}
+        v = np.array(list(values.values()))
+        out[str(k)] = {"subsets": len(v), "mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
+                       "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": values}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default="wsauc_roi_1pass")
@@ -134,11 +151,13 @@ def main() -> None:
                                 "within_source_auc": paired_within_source(y[ok], base[way].to_numpy()[ok],
                                                                           base[col].to_numpy()[ok], src[ok])})
     singles = [results[c]["within_source_auc"]["value"] for c in seed_cols]
+    by_size = members_by_size(base, seed_cols, y, src)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
     write_json(args.out, {
         "what": __doc__.split("\n\n")[0], "recipe": args.recipe, "train_seeds": seeds, "fold_seed": args.fold_seed,
         "folds": args.folds, "results": results, "comparisons": comparisons,
         "single_seed_spread": {"min": min(singles), "max": max(singles), "range": max(singles) - min(singles)},
+        "ensembles_by_size": by_size,
         "scores_csv": scores_csv.name,
         "wall_s": round(time.perf_counter() - t0, 1), "weight_average_scoring_s": round(soup_s, 1),
         "peak_rss_mb": {"training_process": round(usage[0].ru_maxrss / 1024, 1),
@@ -153,6 +172,8 @@ def main() -> None:
         w = c["within_source_auc"]
         print(f"{c['way']} vs {c['versus']}: {w['difference']:+.3f} [{w['ci_low']:+.3f}, {w['ci_high']:+.3f}] "
               f"p={w['p_value']:.3f}")
+    for k, v in by_size.items():
+        print(f"{k} member(s): mean {v['mean']:.3f}, worst {v['min']:.3f}, best {v['max']:.3f} over {v['subsets']} subsets")
     print(f"wrote {args.out}")
 
 

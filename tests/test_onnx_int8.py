@@ -62,6 +62,12 @@ def test_int8_export_is_measured_recorded_and_used_by_the_onnx_backend(run_copy,
     assert np.abs(int8 - torch_probs).max() == pytest.approx(
         q["max_abs_prob_diff_int8_vs_fp32"], abs=max(1e-3, 0.05 * q["max_abs_prob_diff_int8_vs_fp32"]))
 
+    from covidcxr.serving.onnx_quantize import cpu_int8_flags
+
+    # U8S8 where this CPU has VNNI, U8U8 (no saturation) where it has not.
+    assert q["weights"] == ("int8" if cpu_int8_flags() else "uint8")
+    assert q["measured_on"]["cpu_int8_flags"] == cpu_int8_flags()
+
     # predict --backend onnx now runs the int8 graph.
     assert load_onnx_run(run_copy).model_sha256 == run.model_sha256
     images = [str(p) for p in sample_paths(data_root, 3)]
@@ -98,3 +104,33 @@ def test_int8_export_refuses_an_output_file_or_another_format(run_copy):
     result = CliRunner().invoke(app, ["export", str(run_copy), "--quantize", "int8", "--out", str(run_copy / "x.onnx")])
     text = " ".join(result.output.replace("\u2502", " ").split())  # rich wraps the message in a box
     assert result.exit_code != 0 and "--quantize int8 works with --format onnx" in text
+
+
+def test_an_int8_model_measured_with_vnni_warns_on_a_cpu_without_it(run_copy, tmp_path, monkeypatch, caplog):
+    """U8S8 kernels saturate on AVX2-only CPUs: the AUC measured at export does not carry over there."""
+    import shutil
+
+    from covidcxr.models.record import read_run_record, update_run_record
+    from covidcxr.serving import onnx as onnx_backend
+    from covidcxr.serving.onnx_quantize import int8_portability_warning, quantize_run
+
+    fresh = shutil.copytree(run_copy, tmp_path / "run", ignore=shutil.ignore_patterns("*.onnx"))
+    quantize_run(fresh, calibration_images=8, max_auc_drop=1.0, weights="int8")
+    info = read_run_record(fresh).info
+    info["onnx_quantization"]["measured_on"]["cpu_int8_flags"] = ["avx512_vnni"]  # as exported on a VNNI CPU
+    update_run_record(fresh, info=info)
+
+    monkeypatch.setattr(onnx_backend, "cpu_int8_flags", lambda: [])  # this CPU: AVX2 only
+    with caplog.at_level("WARNING", logger="covidcxr.onnx"):
+        onnx_backend.load_onnx_run(fresh)
+    assert "avx512_vnni" in caplog.text and "saturate" in caplog.text and "Re-export" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setattr(onnx_backend, "cpu_int8_flags", lambda: ["avx512_vnni"])
+    with caplog.at_level("WARNING", logger="covidcxr.onnx"):
+        onnx_backend.load_onnx_run(fresh)
+    assert "saturate" not in caplog.text
+    # uint8 weights (U8U8) never saturate, and a record without the flags (older exports) says nothing.
+    q = info["onnx_quantization"]
+    assert int8_portability_warning({**q, "weights": "uint8"}, []) is None
+    assert int8_portability_warning({**q, "measured_on": {"split": "val"}}, []) is None

@@ -18,7 +18,9 @@ ONNX file whose hash does not match, or one exported from other weights than the
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,9 @@ from covidcxr.errors import CovidCXRError, WeightsError
 from covidcxr.models.record import RunRecord, read_run_record, update_run_record
 from covidcxr.models.run import RunView, load_run
 from covidcxr.models.weights import sha256_file, verify_recorded_file
+from covidcxr.serving.onnx_quantize import INT8_FILE, cpu_int8_flags, int8_portability_warning
+
+log = logging.getLogger("covidcxr.onnx")
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "input"
@@ -95,7 +100,9 @@ def export_graph(model: nn.Module, path: str | Path, *, channels: int, image_siz
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = ProbabilityModel(model).eval()
+    # From an NCHW copy: traced from a channels-last model (as load_run keeps it) the graph gains
+    # Shape / Gather / Range / Reshape nodes and a decomposed softmax, which int8 quantisation then mangles.
+    wrapped = ProbabilityModel(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, channels, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter narrates each step on stdout; keep the CLI's output to what the user asked for.
@@ -156,6 +163,9 @@ def load_onnx_run(run_dir: str | Path, onnx_path: str | Path | None = None, *, t
         options.intra_op_num_threads = int(threads)
     session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     run = OnnxRun(run_dir=run_dir, record=record, session=session, onnx_path=path, onnx_sha256=meta.sha256)
+    if meta.file == INT8_FILE and (warning := int8_portability_warning(record.info.get("onnx_quantization"),
+                                                                       cpu_int8_flags())):
+        log.warning("%s: %s", path, warning)
     run.lung_finder  # noqa: B018 - roi: lungs runs bring their (PyTorch) segmenter; check it at load time
     return run
 

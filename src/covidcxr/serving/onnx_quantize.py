@@ -3,8 +3,9 @@
 1. The fp32 graph is exported as for ``--format onnx`` (:func:`covidcxr.serving.onnx.export_graph`,
    parity-checked against PyTorch).
 2. ONNX Runtime's static quantisation of Conv / Gemm / MatMul and of the activations after them
-   (Clip = ReLU6, Relu) and the residual Adds (QDQ, per-channel int8 weights,
-   uint8 activations: the U8S8 kernels that use AVX-512 VNNI on x86) is calibrated on up to ``calibration_images`` images of
+   (Clip = ReLU6, Relu) and the residual Adds (QDQ, per-channel weights, uint8 activations; int8 weights -
+   the U8S8 kernels of VNNI CPUs - where this CPU has VNNI, uint8 weights where it has not, since U8S8
+   saturates on AVX2 alone) is calibrated on up to ``calibration_images`` images of
    the run's own validation split (``val_predictions.csv``, which is what the checkpoint was
    selected on - never test rows), each prepared by the one pipeline
    (:func:`covidcxr.models.predict.prepare_input`).
@@ -40,6 +41,32 @@ DEFAULT_MAX_AUC_DROP = 0.005
 #: model lost 0.156 validation AUC (bench/results/int8_variants.json). The softmax output stays
 #: float: quantised to uint8 probabilities it would tie most scores and cost AUC on its own.
 QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "Gemm", "MatMul"]
+#: x86 instructions that run ONNX Runtime's U8S8 kernels without the 16-bit intermediate saturation of
+#: AVX2's VPMADDUBSW. Without them int8 x int8 products can saturate: a quick model that lost 0.0016
+#: validation AUC on an AVX-512 VNNI CPU lost 0.11 on an AVX2-only one (bench/results/int8_variants_avx2.json).
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_flags() -> list[str]:
+    """The int8 dot-product extensions this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:
+        return []
+    return [flag for flag in VNNI_FLAGS if flag in words]
+
+
+def int8_portability_warning(quantization: dict | None, here: list[str]) -> str | None:
+    """A warning when an int8 model measured on a CPU with VNNI is run on one without it, else None."""
+    if not quantization or quantization.get("weights", "int8") != "int8" or here:
+        return None
+    measured = (quantization.get("measured_on") or {}).get("cpu_int8_flags")
+    if not measured:
+        return None
+    return (f"this int8 model's validation AUC was measured on a CPU with {', '.join(measured)}; this CPU has none "
+            "of them, and its U8S8 kernels can saturate (AUC losses of 0.1 were measured). Re-export it here "
+            "(covidcxr export --quantize int8 measures it again) or use the fp32 ONNX model")
 
 
 def validation_images(run_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -90,11 +117,15 @@ class _Reader:
 
 def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
                  max_auc_drop: float = DEFAULT_MAX_AUC_DROP, opset: int = 18, batch_size: int = 16,
-                 ops: Sequence[str] = tuple(QUANTIZED_OPS), calibration: str = "MinMax") -> Path:
+                 ops: Sequence[str] = tuple(QUANTIZED_OPS), calibration: str = "MinMax",
+                 weights: str = "auto", reduce_range: bool = False) -> Path:
     """Write ``RUN_DIR/model.int8.onnx`` and record it as the run's ONNX model (see module docstring).
 
-    ``ops`` (operator types to quantise) and ``calibration`` (an ONNX Runtime ``CalibrationMethod``
-    name; ``Percentile`` keeps the 99.99th percentile) exist for experiments (bench/int8_variants.py)."""
+    ``ops`` (operator types to quantise), ``calibration`` (an ONNX Runtime ``CalibrationMethod``
+    name; ``Percentile`` keeps the 99.99th percentile) and ``reduce_range`` (7-bit weights, one of ONNX
+    Runtime's remedies for saturation) exist for experiments (bench/int8_variants.py). ``weights``:
+    ``int8`` (U8S8, the fast kernels of VNNI CPUs), ``uint8`` (U8U8, which never saturates), or ``auto``:
+    int8 where this CPU has VNNI, uint8 where it has not (U8S8 would saturate here)."""
     import onnx
     import onnxruntime
     import torch
@@ -107,6 +138,9 @@ def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIB
     from covidcxr.models.weights import sha256_file
     from covidcxr.serving.onnx import INPUT_NAME, OUTPUT_NAME, export_graph
 
+    if weights not in ("auto", "int8", "uint8"):
+        raise CovidCXRError(f"int8 weights must be 'auto', 'int8' or 'uint8', got {weights!r}")
+    weights = ("int8" if cpu_int8_flags() else "uint8") if weights == "auto" else weights
     if not hasattr(CalibrationMethod, calibration):
         raise CovidCXRError(f"calibration {calibration!r} is not an ONNX Runtime CalibrationMethod "
                             f"({', '.join(m.name for m in CalibrationMethod)})")
@@ -124,7 +158,8 @@ def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIB
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         batches = [tensors[calib[i : i + batch_size]] for i in range(0, len(calib), batch_size)]
         quantize_static(str(pre), str(int8), _Reader(batches, INPUT_NAME), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8 if weights == "int8" else QuantType.QUInt8,
                         calibrate_method=getattr(CalibrationMethod, calibration), op_types_to_quantize=list(ops),
                         extra_options={"CalibPercentile": 99.99} if calibration == "Percentile" else None)
         onnx.checker.check_model(str(int8))
@@ -151,12 +186,15 @@ def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIB
               "torch": torch.__version__, "onnx": onnx.__version__, "input": INPUT_NAME, "output": OUTPUT_NAME,
               "parity_max_abs_diff": parity},
         info={**record.info, "onnx_quantization": {
-            "mode": f"int8 static (QDQ, per-channel int8 weights, uint8 activations, {calibration} calibration)",
+            "mode": f"int8 static (QDQ, per-channel {weights} weights{', 7-bit range' if reduce_range else ''}, "
+                    f"uint8 activations, {calibration} calibration)",
+            "weights": weights, "reduce_range": reduce_range,
             "onnxruntime": onnxruntime.__version__,
             "calibration": {"split": "val (val_predictions.csv)", "images": len(calib),
                             "images_sha256": hashlib.sha256("\n".join(names[i] for i in calib).encode()).hexdigest(),
                             "first": [names[i] for i in calib[:3]]},
-            "measured_on": {"split": "val", "images": len(files), "includes_calibration_images": True},
+            "measured_on": {"split": "val", "images": len(files), "includes_calibration_images": True,
+                            "cpu_int8_flags": cpu_int8_flags()},
             "val_auc_fp32": auc["fp32"], "val_auc_int8": auc["int8"], "auc_difference": auc["int8"] - auc["fp32"],
             "max_abs_prob_diff_int8_vs_fp32": float(np.abs(probs["int8"] - probs["fp32"]).max()),
             "max_abs_prob_diff_fp32_vs_torch": float(np.abs(probs["fp32"] - torch_probs).max()),
