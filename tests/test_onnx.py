@@ -112,3 +112,23 @@ def test_service_onnx_backend(exported, data_root, tmp_path):
     expected = run.predict_arrays([read_xray(image).pixels])[0]
     got = np.array([body["probabilities"][c] for c in run.classes])
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_channels_last_prediction_path_matches_nchw_and_exports_a_plain_graph(exported, real_batch):
+    """load_run keeps the model NHWC (faster depthwise convolutions on CPU); that changes float rounding
+    only, and the ONNX graph is traced from an NCHW copy, so it has no shape-juggling or decomposed softmax."""
+    import collections
+
+    import onnx
+
+    from covidcxr.models.run import load_run
+
+    run = load_run(exported)
+    conv_weights = [m.weight for m in run.model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.ndim == 4]
+    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    nhwc = run.predict_tensor(real_batch)
+    with torch.no_grad():
+        nchw = run.model.to(memory_format=torch.contiguous_format)(real_batch).softmax(dim=1).numpy()
+    assert np.abs(nhwc - nchw).max() < 1e-5
+    ops = collections.Counter(n.op_type for n in onnx.load(str(exported / "model.onnx")).graph.node)
+    assert ops["Softmax"] == 1 and not {"Shape", "Gather", "Range"} & set(ops), ops
