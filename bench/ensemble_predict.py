@@ -1,9 +1,9 @@
-"""What the 3-seed main job costs at inference: ``covidcxr predict`` with the ensemble against one member.
+"""What the seed-ensemble main job costs at inference: ``covidcxr predict`` with the ensemble against one member.
 
     .venv/bin/python bench/ensemble_predict.py --run-dir runs/quick [--images 400] [--rounds 2]
 
-The main job's run (``configs/quick.yaml``, ``ensemble.seeds: [0, 1, 2]``) averages three networks, so
-each image goes through three forward passes after the one decode, lung crop and standardisation. Both
+The main job's run (``configs/quick.yaml``, ``ensemble.seeds``: five since 2026-12-07) averages its members, so
+each image goes through one forward pass per member after the one decode, lung crop and standardisation. Both
 commands score the same ``--images`` shared JPEGs (``inference_baselines.shared_jpegs``), alternating
 ``--rounds`` times; wall time, CPU time and peak RSS of each process (``os.wait4``), median and ratio.
 Lung masks come from the cache both commands share, so the first round warms it and is not counted

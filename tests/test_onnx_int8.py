@@ -67,6 +67,8 @@ def test_int8_export_is_measured_recorded_and_used_by_the_onnx_backend(run_copy,
     # U8S8 where this CPU has VNNI, U8U8 (no saturation) where it has not.
     assert q["weights"] == ("int8" if cpu_int8_flags() else "uint8")
     assert q["measured_on"]["cpu_int8_flags"] == cpu_int8_flags()
+    assert q["val_pass_img_s"]["fp32"] > 0 and q["val_pass_img_s"]["int8"] > 0
+    assert q["speedup_int8_over_fp32"] == pytest.approx(q["val_pass_img_s"]["int8"] / q["val_pass_img_s"]["fp32"])
 
     # predict --backend onnx now runs the int8 graph.
     assert load_onnx_run(run_copy).model_sha256 == run.model_sha256

@@ -21,8 +21,10 @@ set (images, their SHA-256 list digest, split) and the measured AUC difference.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +32,7 @@ import numpy as np
 
 from covidcxr.errors import CovidCXRError
 
+log = logging.getLogger("covidcxr.onnx")
 INT8_FILE = "model.int8.onnx"
 DEFAULT_CALIBRATION_IMAGES = 64
 DEFAULT_MAX_AUC_DROP = 0.005
@@ -163,17 +166,25 @@ def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIB
                         calibrate_method=getattr(CalibrationMethod, calibration), op_types_to_quantize=list(ops),
                         extra_options={"CalibPercentile": 99.99} if calibration == "Percentile" else None)
         onnx.checker.check_model(str(int8))
-        probs = {}
+        probs, seconds = {}, {}
         for name, path in (("fp32", fp32), ("int8", int8)):
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session.run([OUTPUT_NAME], {INPUT_NAME: tensors[:1]})  # warm-up, not timed
+            t0 = time.perf_counter()
             probs[name] = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: tensors[i : i + batch_size]})[0]
                                           for i in range(0, len(tensors), batch_size)])
+            seconds[name] = time.perf_counter() - t0
         auc = {k: _positive_auc(v, targets, classes, run.positive_class) for k, v in probs.items()}
         drop = auc["fp32"] - auc["int8"]
         if not np.isfinite(drop) or drop > max_auc_drop:
             raise CovidCXRError(f"int8 quantisation loses {drop:.4f} validation AUC (fp32 {auc['fp32']:.4f}, int8 "
                                 f"{auc['int8']:.4f}; limit {max_auc_drop}); export refused, keep the fp32 model")
         os.replace(int8, out)
+    speedup = seconds["fp32"] / seconds["int8"]
+    if speedup < 1.0:  # int8 exists for speed; say so when this CPU has no fast int8 kernels
+        log.warning("%s: int8 ran at %.2fx the fp32 ONNX model's speed on this CPU (int8 extensions: %s); for speed "
+                    "keep the fp32 ONNX model (covidcxr export --format onnx)", out, speedup,
+                    ", ".join(cpu_int8_flags()) or "none")
     with torch.no_grad():
         torch_probs = np.concatenate([run.predict_tensor(torch.from_numpy(tensors[i : i + batch_size]))
                                       for i in range(0, len(tensors), batch_size)])
@@ -197,6 +208,8 @@ def quantize_run(run_dir: str | Path, *, calibration_images: int = DEFAULT_CALIB
                             "cpu_int8_flags": cpu_int8_flags()},
             "val_auc_fp32": auc["fp32"], "val_auc_int8": auc["int8"], "auc_difference": auc["int8"] - auc["fp32"],
             "max_abs_prob_diff_int8_vs_fp32": float(np.abs(probs["int8"] - probs["fp32"]).max()),
+            # one timed pass over the validation images, batch ``batch_size``, ONNX Runtime's default threads
+            "val_pass_img_s": {k: len(tensors) / v for k, v in seconds.items()}, "speedup_int8_over_fp32": speedup,
             "max_abs_prob_diff_fp32_vs_torch": float(np.abs(probs["fp32"] - torch_probs).max()),
             "max_auc_drop": max_auc_drop}})
     return out
