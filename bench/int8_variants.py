@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
     from covidcxr.models.record import read_run_record
-    from covidcxr.serving.onnx_quantize import cpu_int8_flags
+    from covidcxr.serving.cpu_features import cpu_int8_flags
 
     record = read_run_record(a.run_dir)
     results = {}

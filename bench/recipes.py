@@ -115,6 +115,9 @@ RECIPES: dict[str, dict] = {
                     "closest to issue 10's best external row (a plain fine-tune after epoch 1)"},
     "plain_roi_1pass": {"overrides": PLAIN + ROI + ONE_PASS,
                         "what": "plain (CE, shuffled) on lung-ROI inputs, one pass over every training image"},
+    "wsauc_roi_1pass_224": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.image_size=224"],
+                            "what": "wsauc_roi_1pass at 224 px instead of 160 (the seeds train at 224-480 px; ground "
+                            "glass is texture, which a 160 px lung crop blurs)"},
     "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
                         "what": "wsauc_roi + JPEG (q30-95) p=0.5 and downscale-upscale (0.4-1) p=0.3 of every class "
                         "on the working-size image, before the lung crop (issue 10: compression is a shortcut)"},

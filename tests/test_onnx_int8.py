@@ -62,7 +62,7 @@ def test_int8_export_is_measured_recorded_and_used_by_the_onnx_backend(run_copy,
     assert np.abs(int8 - torch_probs).max() == pytest.approx(
         q["max_abs_prob_diff_int8_vs_fp32"], abs=max(1e-3, 0.05 * q["max_abs_prob_diff_int8_vs_fp32"]))
 
-    from covidcxr.serving.onnx_quantize import cpu_int8_flags
+    from covidcxr.serving.cpu_features import cpu_int8_flags
 
     # U8S8 where this CPU has VNNI, U8U8 (no saturation) where it has not.
     assert q["weights"] == ("int8" if cpu_int8_flags() else "uint8")
@@ -114,7 +114,8 @@ def test_an_int8_model_measured_with_vnni_warns_on_a_cpu_without_it(run_copy, tm
 
     from covidcxr.models.record import read_run_record, update_run_record
     from covidcxr.serving import onnx as onnx_backend
-    from covidcxr.serving.onnx_quantize import int8_portability_warning, quantize_run
+    from covidcxr.serving.cpu_features import int8_portability_warning
+    from covidcxr.serving.onnx_quantize import quantize_run
 
     fresh = shutil.copytree(run_copy, tmp_path / "run", ignore=shutil.ignore_patterns("*.onnx"))
     quantize_run(fresh, calibration_images=8, max_auc_drop=1.0, weights="int8")

@@ -34,11 +34,12 @@ from covidcxr.errors import CovidCXRError, WeightsError
 from covidcxr.models.record import RunRecord, read_run_record, update_run_record
 from covidcxr.models.run import RunView, load_run
 from covidcxr.models.weights import sha256_file, verify_recorded_file
-from covidcxr.serving.onnx_quantize import INT8_FILE, cpu_int8_flags, int8_portability_warning
+from covidcxr.serving.cpu_features import cpu_int8_flags, int8_portability_warning
 
 log = logging.getLogger("covidcxr.onnx")
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # written by covidcxr.serving.onnx_quantize
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 #: Largest |p_onnx - p_torch| accepted by the post-export check.

@@ -31,9 +31,10 @@ from typing import Sequence
 import numpy as np
 
 from covidcxr.errors import CovidCXRError
+from covidcxr.serving.cpu_features import cpu_int8_flags
+from covidcxr.serving.onnx import INT8_FILE
 
 log = logging.getLogger("covidcxr.onnx")
-INT8_FILE = "model.int8.onnx"
 DEFAULT_CALIBRATION_IMAGES = 64
 DEFAULT_MAX_AUC_DROP = 0.005
 #: The compute-heavy ops, their activations and the residual Adds. Clip and Relu must be listed: only
@@ -44,32 +45,6 @@ DEFAULT_MAX_AUC_DROP = 0.005
 #: model lost 0.156 validation AUC (bench/results/int8_variants.json). The softmax output stays
 #: float: quantised to uint8 probabilities it would tie most scores and cost AUC on its own.
 QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "Gemm", "MatMul"]
-#: x86 instructions that run ONNX Runtime's U8S8 kernels without the 16-bit intermediate saturation of
-#: AVX2's VPMADDUBSW. Without them int8 x int8 products can saturate: a quick model that lost 0.0016
-#: validation AUC on an AVX-512 VNNI CPU lost 0.11 on an AVX2-only one (bench/results/int8_variants_avx2.json).
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_int8_flags() -> list[str]:
-    """The int8 dot-product extensions this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            words = set(f.read().split())
-    except OSError:
-        return []
-    return [flag for flag in VNNI_FLAGS if flag in words]
-
-
-def int8_portability_warning(quantization: dict | None, here: list[str]) -> str | None:
-    """A warning when an int8 model measured on a CPU with VNNI is run on one without it, else None."""
-    if not quantization or quantization.get("weights", "int8") != "int8" or here:
-        return None
-    measured = (quantization.get("measured_on") or {}).get("cpu_int8_flags")
-    if not measured:
-        return None
-    return (f"this int8 model's validation AUC was measured on a CPU with {', '.join(measured)}; this CPU has none "
-            "of them, and its U8S8 kernels can saturate (AUC losses of 0.1 were measured). Re-export it here "
-            "(covidcxr export --quantize int8 measures it again) or use the fp32 ONNX model")
 
 
 def validation_images(run_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]:
