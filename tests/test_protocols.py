@@ -130,3 +130,26 @@ def test_leave_one_source_out_cli_never_trains_on_the_held_out_source(small_mani
     bad = CliRunner().invoke(app, ["crossval", "cfg.yaml", "--out", str(tmp_path / "x"), "--protocol", "kfold"])
     assert bad.exit_code != 0
     assert np.isfinite(entry["threshold"])
+
+
+def test_out_of_fold_protocol_trains_the_configs_seed_ensemble_in_every_fold(small_manifest, tmp_path):
+    """crossval scores what the config ships: with ensemble.seeds each fold is a seed ensemble whose scores
+    are its members' mean; a k-fold ensemble inside the folds is refused with what to do."""
+    from covidcxr.evaluation.proxies import predict_files, split_rows
+    from covidcxr.models.run import load_run
+    from covidcxr.training.protocols import out_of_fold_within_source
+
+    config = load_config(None, TINY + ["ensemble.seeds=[0, 1]"])
+    out_of_fold_within_source(config, small_manifest, tmp_path, folds=2)
+    scores = pd.read_csv(tmp_path / "oof_scores.csv")
+    for k in (0, 1):
+        run = load_run(tmp_path / f"fold_{k}")
+        assert run.record.members == ["members/seed_0", "members/seed_1"]
+        rows = split_rows(run, "test")
+        members = [predict_files(m, rows["path"])[0]["score"].to_numpy() for m in run.members]
+        assert not np.allclose(members[0], members[1])  # two trainings, not one twice
+        np.testing.assert_allclose(np.sort(scores.loc[scores.fold == k, "score"].to_numpy()),
+                                   np.sort(np.mean(members, axis=0)), atol=1e-6)
+    with pytest.raises(ConfigError, match="ensemble.folds"):
+        out_of_fold_within_source(load_config(None, TINY + ["ensemble.folds=2"]), small_manifest, tmp_path / "k",
+                                  folds=2)

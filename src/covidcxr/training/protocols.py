@@ -14,9 +14,10 @@ has a CI about +-0.2 wide. These protocols spend training time to narrow it, fro
   the mean P(covid) of its negatives and the share of them called COVID at the run's threshold (for
   NIH / Kermany / RSNA, which hold no COVID, that false-positive rate *is* the test).
 
-Each model is a normal run directory under ``out_dir`` (``fold_K`` / ``without_SOURCE``), trained by
-:func:`covidcxr.training.loop.fit` with the recipe unchanged: finished ones are reused when a protocol
-is started again. Checkpoint selection and the threshold use each model's own validation split, cut
+Each model is a normal run directory under ``out_dir`` (``fold_K`` / ``without_SOURCE``), trained as
+``covidcxr train`` would train the config: one model, or with ``ensemble.seeds`` a seed ensemble
+(:func:`covidcxr.training.cv.train_seed_ensemble`), so the protocol scores what the config ships
+(``"ensemble.seeds=[]"`` scores one member). Finished models are reused when a protocol is started again. Checkpoint selection and the threshold use each model's own validation split, cut
 from its training rows; the scored rows never enter it.
 """
 
@@ -46,11 +47,26 @@ def _targets(config: TrainingConfig, manifest: Manifest) -> tuple[np.ndarray, np
     return keep, (cls == space.positive).to_numpy().astype(int)
 
 
+def _train(config: TrainingConfig, run_dir: Path, manifest: Manifest) -> None:
+    """The config's own training on ``manifest``: one model, or its seed ensemble; an interrupted one resumes."""
+    from covidcxr.training.cv import train_seed_ensemble
+    from covidcxr.training.loop import fit
+
+    if config.ensemble.folds:
+        raise ConfigError(f"ensemble.folds={config.ensemble.folds} inside a cross-validation protocol would nest "
+                          "k-fold ensembles in its folds; use ensemble.seeds, or ensemble.folds=null")
+    started = any(run_dir.glob("checkpoints/last.pt")) or any(run_dir.glob("members/*/run.json")) \
+        or any(run_dir.glob("members/*/checkpoints/last.pt"))
+    if config.ensemble.seeds:
+        train_seed_ensemble(config, run_dir, manifest=manifest, resume=started)
+    else:
+        fit(config, run_dir, manifest=manifest, resume=started)
+
+
 def _fit_and_score(config: TrainingConfig, manifest: Manifest, run_dir: Path, seed: int) -> pd.DataFrame:
     """Train on ``manifest``'s non-test rows (val cut from them here), score its ``test`` rows."""
     from covidcxr.evaluation.proxies import predict_files, split_rows
     from covidcxr.models.run import load_run
-    from covidcxr.training.loop import fit
 
     scores_csv = run_dir / "protocol_scores.csv"
     if scores_csv.is_file() and (run_dir / "run.json").is_file():
@@ -61,10 +77,9 @@ def _fit_and_score(config: TrainingConfig, manifest: Manifest, run_dir: Path, se
     split = table["split"].to_numpy(dtype=object).copy()
     split[~test] = rest.table["split"].to_numpy()
     fold_manifest = manifest.replace(table.assign(split=split))
-    resume = (run_dir / "checkpoints" / "last.pt").exists()
     selection = config.train.selection_metric
     try:
-        fit(config, run_dir, manifest=fold_manifest, resume=resume)
+        _train(config, run_dir, fold_manifest)
     except ConfigError as exc:
         # Holding a source out can leave validation without a source holding both classes; the
         # recipe's within-source selection is then undefined, and the model selects on val loss.
@@ -76,7 +91,7 @@ def _fit_and_score(config: TrainingConfig, manifest: Manifest, run_dir: Path, se
         selection = "val_loss"
         config = config.model_copy(deep=True)
         config.train.selection_metric = "val_loss"
-        fit(config, run_dir, manifest=fold_manifest)
+        _train(config, run_dir, fold_manifest)
     run = load_run(run_dir)
     rows = split_rows(run, "test")
     scores, _ = predict_files(run, rows["path"], refused_ok=True)
