@@ -75,6 +75,17 @@ def test_activation_clustering_and_spectral_signatures_find_a_planted_subpopulat
     assert precision_recall(ss["flagged"][y == 1], poisoned[y == 1])["recall"] >= 0.95
 
 
+def test_activation_clustering_flags_only_where_the_verdict_is_suspicious():
+    # Class 1 splits cleanly but in halves (a second source, say): a real split, not a small planted
+    # group. Neither the verdict nor the per-image flags may call it poison (they once disagreed).
+    x, y, half = _planted(share=0.5)
+    ac = activation_clustering(x, y, 2, silhouette=0.3, max_share=0.35)
+    by_class = {c["class_index"]: c for c in ac["classes"]}
+    assert by_class[1]["silhouette"] >= 0.3 and by_class[1]["smaller_share"] > 0.35
+    assert not by_class[1]["suspicious"] and not ac["flagged"].any()
+    assert ac["flagged_art"][y == 1].any()  # ART alone flags the smaller half anyway
+
+
 class _ForcedRun:
     """A stand-in classifier: class 1 when the top-left pixel is bright (the 'trigger'), else a coin toss
     driven by the mean intensity, so blends of clean images give uncertain predictions."""

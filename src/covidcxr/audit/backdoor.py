@@ -113,11 +113,11 @@ def audit_backdoor(run_dir: str | Path, manifest: str | Path, *, out: str | Path
     if feats is None:
         raise CovidCXRError(f"{run_dir}: an ensemble has no single feature space; audit each member run")
     y, k = rows["y"].to_numpy(), len(run.classes)
-    ac = activation_clustering(feats, y, k, silhouette=thresholds.silhouette, seed=seed)
+    ac = activation_clustering(feats, y, k, silhouette=thresholds.silhouette, max_share=thresholds.max_share,
+                               seed=seed)
     ss = spectral_signatures(feats, y, k, expected_fraction=thresholds.expected_fraction)
     for c in ac["classes"]:
         c["class"] = run.classes[c["class_index"]]
-        c["suspicious"] = bool(c["suspicious"] and c["smaller_share"] <= thresholds.max_share)
     for c in ss["classes"]:
         c["class"] = run.classes[c["class_index"]]
     from covidcxr import paths as cpaths

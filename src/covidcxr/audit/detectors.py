@@ -33,10 +33,11 @@ def _identity_classifier(dim: int, nb_classes: int):
 
 
 def activation_clustering(features: np.ndarray, labels: np.ndarray, nb_classes: int, *, silhouette: float,
-                          nb_dims: int = 10, seed: int = 0) -> dict:
+                          max_share: float = ART_SIZE_THRESHOLD, nb_dims: int = 10, seed: int = 0) -> dict:
     """ART activation clustering (2-means on PCA-``nb_dims`` of each class); returns ``flagged_art``
-    (ART's own verdict per image), ``flagged`` (only in classes whose silhouette >= ``silhouette``)
-    and, per class, the smaller cluster's share and the silhouette."""
+    (ART's own verdict per image), ``flagged`` (ART's verdict only in *suspicious* classes: silhouette
+    >= ``silhouette`` and smaller cluster <= ``max_share`` of the class) and, per class, the smaller
+    cluster's share, the silhouette and whether it is suspicious."""
     from art.defences.detector.poison import ActivationDefence
     from sklearn.metrics import silhouette_score
 
@@ -58,10 +59,12 @@ def activation_clustering(features: np.ndarray, labels: np.ndarray, nb_classes: 
         idx = np.flatnonzero(labels == c)
         sizes = np.bincount(np.asarray(clusters, dtype=int), minlength=2)
         sil = float(silhouette_score(reduced, clusters)) if len(idx) > 2 and (sizes > 0).all() else None
-        suspicious = sil is not None and sil >= silhouette
+        share = float(sizes.min() / max(1, sizes.sum()))
+        # The flags and the verdict use one rule: a class with a real split whose smaller side is small.
+        suspicious = sil is not None and sil >= silhouette and share <= max_share
         if suspicious:
             flagged[idx] = flagged_art[idx]
-        classes.append({"class_index": c, "images": int(len(idx)), "smaller_share": float(sizes.min() / max(1, sizes.sum())),
+        classes.append({"class_index": c, "images": int(len(idx)), "smaller_share": share,
                         "silhouette": sil, "suspicious": bool(suspicious)})
     return {"flagged_art": flagged_art, "flagged": flagged, "classes": classes}
 
