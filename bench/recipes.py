@@ -118,6 +118,13 @@ RECIPES: dict[str, dict] = {
     "wsauc_roi_1pass_224": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.image_size=224"],
                             "what": "wsauc_roi_1pass at 224 px instead of 160 (the seeds train at 224-480 px; ground "
                             "glass is texture, which a 160 px lung crop blurs)"},
+    "wsauc_roi_1pass_mnv2": {"overrides": WSAUC + ROI + ONE_PASS + [
+        "model.name=mobilenet_v2",
+        "model.weights=${COVIDCXR_WEIGHTS_DIR}/mobilenet_v2_imagenet_features_torchvision.pth",
+        "model.weights_sha256=2f3656925dbcba43a561f7fa0d7f00d433df053f0597ae570d72e2ef6614de20"],
+                             "what": "wsauc_roi_1pass with an ImageNet MobileNetV2 (the other offline weights) instead "
+                             "of EfficientNet-Lite0: a second architecture for a mixed ensemble, as DeepCOVID-XR mixes "
+                             "architectures"},
     "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
                         "what": "wsauc_roi + JPEG (q30-95) p=0.5 and downscale-upscale (0.4-1) p=0.3 of every class "
                         "on the working-size image, before the lung crop (issue 10: compression is a shortcut)"},
