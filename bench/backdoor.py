@@ -116,7 +116,7 @@ def _strip(run_dir: Path, test, stamped: list, val_paths: list, seed: int = 0, o
     neg = np.flatnonzero(test["y"].to_numpy() == 0)
     clean_idx = rng.choice(len(test), min(200, len(test)), replace=False)
     trig_idx = rng.choice(neg, min(40, len(neg)), replace=False)
-    tensors = lambda paths: torch.stack([prepare_input(p, run.spec).tensor for p in paths])  # noqa: E731
+    tensors = lambda paths: torch.stack([prepare_input(p, run.spec, lung_finder=run.lung_finder).tensor for p in paths])  # noqa: E731
     pool = tensors(val_paths)
     x_clean = tensors([test["path"].iloc[i] for i in clean_idx])
     x_trig = tensors([stamped[i] for i in trig_idx])
