@@ -31,9 +31,10 @@ from recipes import RECIPES, REPO, _env, paired_within_source  # noqa: E402
 
 
 def run_recipe(recipe: str, work: Path, folds: int, seed: int, threads: int, loso: bool,
-               train_seed: int | None = None) -> dict:
+               train_seed: int | None = None, loso_sources: list[str] | None = None) -> dict:
     """Train and score ``recipe`` under the protocols; ``seed`` deals the folds, ``train_seed`` (default:
-    ``seed``) seeds the training."""
+    ``seed``) seeds the training. ``loso_sources`` holds out only those sources and skips the out-of-fold
+    protocol (to finish a leave-one-source-out run that was cut short)."""
     from covidcxr.data.manifest import Manifest
     from covidcxr.paths import data_root
     from covidcxr.training import load_config
@@ -44,14 +45,21 @@ def run_recipe(recipe: str, work: Path, folds: int, seed: int, threads: int, los
         f"train.seed={seed if train_seed is None else train_seed}", f"train.threads={threads}", "train.progress=false"])
     manifest = Manifest.read(data_root() / "manifest.csv")
     t0 = time.perf_counter()
-    result = {"recipe": recipe, "what": spec["what"], "oof": out_of_fold_within_source(
-        config, manifest, work / recipe / "oof", folds=folds, seed=seed)}
-    if loso:
+    result = {"recipe": recipe, "what": spec["what"]}
+    if loso_sources:
+        result["loso"] = leave_one_source_out(config, manifest, work / recipe / "loso", seed=seed,
+                                              sources=loso_sources)
+    else:
+        result["oof"] = out_of_fold_within_source(config, manifest, work / recipe / "oof", folds=folds, seed=seed)
+    if loso and not loso_sources:
         result["loso"] = leave_one_source_out(config, manifest, work / recipe / "loso", seed=seed)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result.update(wall_s=round(time.perf_counter() - t0, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
                   loadavg_end=[round(v, 2) for v in os.getloadavg()])
     (work / recipe / "result.json").write_text(json.dumps(result, indent=1, default=float))
+    if "oof" not in result:
+        print(f"{recipe}: leave-one-source-out for {loso_sources} ({result['wall_s']} s)", flush=True)
+        return result
     w = result["oof"]["within_source_auc"]
     print(f"{recipe}: out-of-fold within-source AUC {w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] "
           f"n={result['oof']['n']} ({result['wall_s']} s)", flush=True)
@@ -80,6 +88,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loso", action="store_true", help="also leave one source out (5 more models per recipe)")
+    ap.add_argument("--loso-sources", help="comma-separated sources: hold out only these, no out-of-fold run "
+                                           "(writes only --work/RECIPE/result.json)")
     ap.add_argument("--work", default="/work/recipes_protocols")
     ap.add_argument("--out", default=str(HERE / "results" / "recipes_oof.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -90,6 +100,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.one:
         run_recipe(args.one, work, args.folds, args.seed, args.threads, args.loso)
+        return
+    if args.loso_sources:
+        for recipe in [r for r in args.recipes.split(",") if r]:
+            run_recipe(recipe, work, args.folds, args.seed, args.threads, True,
+                       loso_sources=args.loso_sources.split(","))
         return
     recipes = [r for r in args.recipes.split(",") if r]
     failures = []

@@ -130,6 +130,31 @@ def test_leave_one_source_out_cli_never_trains_on_the_held_out_source(small_mani
     bad = CliRunner().invoke(app, ["crossval", "cfg.yaml", "--out", str(tmp_path / "x"), "--protocol", "kfold"])
     assert bad.exit_code != 0
     assert np.isfinite(entry["threshold"])
+    assert set(entry["mean_p_by_label"]) == {"normal", "pneumonia"} and entry["auc_by_negative_label"] == {}
+
+    # Holding out a COVID source from the command line adds its entry to loso.json beside NIH's, with the
+    # held-out images' mean P(covid) and the AUC against each kind of negative.
+    ieee = "s-mostafa-a/covid-chestxray-dataset"
+    (tmp_path / "cfg.yaml").write_text("{}\n")
+    cli = CliRunner().invoke(app, ["crossval", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "loso"),
+                                   "--protocol", "loso", "--source", ieee, *TINY, f"data.manifest={manifest}"])
+    assert cli.exit_code == 0, cli.output
+    saved = json.loads((tmp_path / "loso" / "loso.json").read_text())["held_out"]
+    assert set(saved) == {nih, ieee} and saved[nih]["n"] == 24
+    scores = pd.read_csv(tmp_path / "loso" / "without_s_mostafa_a_covid_chestxray_dataset" / "protocol_scores.csv")
+    assert set(scores.source) == {ieee}
+    by = saved[ieee]
+    for label, group in scores.groupby("label"):
+        assert by["mean_p_by_label"][label] == pytest.approx(group.score.mean())
+    from sklearn.metrics import roc_auc_score
+
+    normal = scores[scores.label.isin(["covid", "normal"])]
+    assert by["auc_by_negative_label"]["normal"]["value"] == pytest.approx(
+        roc_auc_score(normal.label == "covid", normal.score))
+    assert f"COVID vs normal {by['auc_by_negative_label']['normal']['value']:.3f}" in cli.output
+    wrong = CliRunner().invoke(app, ["crossval", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "y"),
+                                     "--source", ieee, *TINY, f"data.manifest={manifest}"])
+    assert wrong.exit_code != 0 and "--source applies to --protocol loso only" in str(wrong.exception or wrong.output)
 
 
 def test_out_of_fold_protocol_trains_the_configs_seed_ensemble_in_every_fold(small_manifest, tmp_path):

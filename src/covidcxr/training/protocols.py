@@ -23,6 +23,7 @@ from its training rows; the scored rows never enter it.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -150,7 +151,10 @@ def _slug(source: str) -> str:
 
 def leave_one_source_out(config: TrainingConfig, manifest: Manifest, out_dir: str | Path, *, seed: int = 0,
                          sources: list[str] | None = None) -> dict:
-    """One model per held-out source, trained on all others; the held-out source's scores (see module doc)."""
+    """One model per held-out source, trained on all others; the held-out source's scores (see module doc).
+
+    ``sources`` holds out only those; ``loso.json`` keeps the entries of sources held out by an earlier
+    call with the same seed, so a protocol finished source by source ends with one complete file."""
     from covidcxr.evaluation.metrics import auc_ci
 
     out_dir = Path(out_dir)
@@ -159,6 +163,11 @@ def leave_one_source_out(config: TrainingConfig, manifest: Manifest, out_dir: st
     src = table["source"].astype(str).to_numpy()
     held = sources or sorted(set(src[keep]))
     result: dict = {"protocol": "leave_one_source_out", "seed": seed, "held_out": {}}
+    earlier = out_dir / "loso.json"
+    if earlier.is_file():
+        previous = json.loads(earlier.read_text())
+        if previous.get("seed") == seed:
+            result["held_out"] = {s: e for s, e in previous.get("held_out", {}).items() if s not in held}
     for s in held:
         if not (src == s).any():
             raise ConfigError(f"leave-one-source-out: no source {s!r}; known: {sorted(set(src))}")
@@ -175,6 +184,13 @@ def leave_one_source_out(config: TrainingConfig, manifest: Manifest, out_dir: st
                  "false_positive_rate": float((ss[neg] >= thr).mean()) if neg.any() and has_thr else None,
                  "sensitivity": float((ss[pos] >= thr).mean()) if pos.any() and has_thr else None,
                  "auc": auc_ci(yy[ok], ss[ok]).to_dict() if 0 < pos.sum() < ok.sum() else None}
+        labels = scores["label"].astype(str).to_numpy()
+        # An unseen collection's normals scored like COVID is what a same-hospital COVID-vs-normal test
+        # punishes, so the held-out images' mean P(covid) and the AUC are given per manifest label too.
+        entry["mean_p_by_label"] = {lab: float(ss[ok & (labels == lab)].mean()) for lab in sorted(set(labels[ok]))}
+        entry["auc_by_negative_label"] = {
+            lab: auc_ci(yy[m], ss[m]).to_dict() for lab in sorted(set(labels[neg]))
+            for m in [ok & ((yy == 1) | (labels == lab))] if pos.any()}
         result["held_out"][s] = entry
     write_json(out_dir / "loso.json", jsonable(result))
     return jsonable(result)
