@@ -1,7 +1,8 @@
 """Leave-one-source-out runs side by side: one held-out collection, several recipes (or a seed ensemble
 and its members), scored per kind of negative and compared pairwise.
 
-    python bench/loso_contrasts.py --run NAME=LOSO_RUN_DIR [--run NAME=...] [--out bench/results/loso_contrasts.json]
+    python bench/loso_contrasts.py --run NAME=LOSO_RUN_DIR[,LOSO_RUN_DIR...] [--run NAME=...]
+                                   [--out bench/results/loso_contrasts.json]
 
 Each LOSO_RUN_DIR is a ``without_SOURCE`` folder written by ``covidcxr crossval --protocol loso`` (or
 ``bench/recipe_protocols.py --loso-sources``): a run trained on every source but one, whose
@@ -9,7 +10,9 @@ Each LOSO_RUN_DIR is a ``without_SOURCE`` folder written by ``covidcxr crossval 
 hospital the model never saw; where it holds COVID and normal images, "COVID vs normal" is the shared-data
 analogue of issue 10's same-hospital test. Per run: AUC (DeLong CI), the AUC against each kind of negative,
 mean P(covid) per label; for a seed ensemble also each member's (the members are scored here, with the one
-prediction path). Runs are compared with the paired DeLong test on the same images, against the first.
+prediction path). Several folders after one NAME (the same recipe trained with other seeds) are scored
+as their mean-probability ensemble, with each folder as a member. Runs are compared with the paired
+DeLong test on the same images, against the first.
 """
 
 from __future__ import annotations
@@ -81,18 +84,30 @@ def main() -> None:
     runs: dict[str, dict] = {}
     scored: dict[str, pd.DataFrame] = {}
     for spec in args.run:
-        name, sep, directory = spec.partition("=")
-        run_dir = Path(directory)
-        if not sep or not (run_dir / "protocol_scores.csv").is_file():
-            raise SystemExit(f"--run {spec!r}: expected NAME=DIR with DIR/protocol_scores.csv "
-                             "(a without_SOURCE folder of a leave-one-source-out protocol)")
-        scores = pd.read_csv(run_dir / "protocol_scores.csv")
+        name, sep, directories = spec.partition("=")
+        run_dirs = [Path(d) for d in directories.split(",") if d]
+        missing = [str(d) for d in run_dirs if not (d / "protocol_scores.csv").is_file()]
+        if not sep or not run_dirs or missing:
+            raise SystemExit(f"--run {spec!r}: expected NAME=DIR[,DIR...], each DIR with protocol_scores.csv "
+                             f"(a without_SOURCE folder of a leave-one-source-out protocol); missing: {missing}")
+        if len(run_dirs) == 1:
+            scores = pd.read_csv(run_dirs[0] / "protocol_scores.csv")
+            members = member_scores(run_dirs[0], scores)
+        else:
+            members = {str(d): pd.read_csv(d / "protocol_scores.csv").sort_values("image", ignore_index=True)
+                       for d in run_dirs}
+            first_scores = next(iter(members.values()))
+            if any(not m["image"].equals(first_scores["image"]) for m in members.values()):
+                raise SystemExit(f"--run {name}: its folders scored different images; give runs of one held-out source")
+            scores = first_scores.assign(score=np.mean([m["score"].to_numpy() for m in members.values()], axis=0))
         held = sorted(set(scores["source"].astype(str)))
-        print(f"{name}: {run_dir} ({len(scores)} held-out images of {', '.join(held)})", flush=True)
-        entry = {"run_dir": str(run_dir), "held_out": held, **summarise(scores)}
-        members = member_scores(run_dir, scores)
+        print(f"{name}: {', '.join(map(str, run_dirs))} ({len(scores)} held-out images of {', '.join(held)})",
+              flush=True)
+        entry = {"run_dirs": [str(d) for d in run_dirs], "held_out": held, **summarise(scores)}
         if members:
             entry["members"] = {m: summarise(s) for m, s in members.items()}
+            values = [e["auc"]["value"] for e in entry["members"].values() if e["auc"]]
+            entry["member_auc_mean_min_max"] = [float(np.mean(values)), min(values), max(values)] if values else None
         runs[name], scored[name] = entry, scores
     first = next(iter(scored))
     base = scored[first]
@@ -112,7 +127,9 @@ def main() -> None:
     for name, e in runs.items():
         auc = e["auc"]["value"] if e["auc"] else float("nan")
         vs = ", ".join(f"vs {lab} {a['value']:.3f}" for lab, a in e["auc_by_negative_label"].items())
-        print(f"{name}: AUC {auc:.3f} ({vs}); mean P {e['mean_p_by_label']}", flush=True)
+        spread = e.get("member_auc_mean_min_max")
+        members = f"; members {spread[0]:.3f} ({spread[1]:.3f}-{spread[2]:.3f})" if spread else ""
+        print(f"{name}: AUC {auc:.3f} ({vs}){members}; mean P {e['mean_p_by_label']}", flush=True)
     print(f"wrote {args.out}", flush=True)
 
 

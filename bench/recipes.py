@@ -115,6 +115,11 @@ RECIPES: dict[str, dict] = {
                     "closest to issue 10's best external row (a plain fine-tune after epoch 1)"},
     "plain_roi_1pass": {"overrides": PLAIN + ROI + ONE_PASS,
                         "what": "plain (CE, shuffled) on lung-ROI inputs, one pass over every training image"},
+    "linear_1pass": {"overrides": PLAIN + ONE_PASS + ["model.finetune=linear", "train.lr=0.003"],
+                     "what": "a linear head on the frozen ImageNet backbone (CE, shuffled, full images), one pass: "
+                     "issue 10's 'linear head only' row scored the best same-hospital AUC of its table (0.80)"},
+    "linear_roi_1pass": {"overrides": PLAIN + ROI + ONE_PASS + ["model.finetune=linear", "train.lr=0.003"],
+                         "what": "linear_1pass on lung-ROI inputs"},
     "wsauc_roi_1pass_224": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.image_size=224"],
                             "what": "wsauc_roi_1pass at 224 px instead of 160 (the seeds train at 224-480 px; ground "
                             "glass is texture, which a 160 px lung crop blurs)"},
