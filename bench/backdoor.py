@@ -2,6 +2,7 @@
 
     python bench/backdoor.py [--work /tmp/covidcxr_backdoor] [--out bench/results/backdoor.json]
                              [--runs targeted_0.05 targeted_0.05_finetuned ...] [--image-size 160]
+                             [--roi full|lungs] [--trigger-at corner|lungs] [--set KEY=VALUE ...]
                              [--attack-epochs 3] [--assemble]
 
 On the seed-0 patient-grouped split of the shared manifest, with configs/quick.yaml at
@@ -147,6 +148,9 @@ def main(argv=None) -> None:
     ap.add_argument("--roi", choices=("full", "lungs"), default="full",
                     help="full (default): the seed's whole-image input; the corner trigger lies outside the lung "
                          "box, so `lungs` (quick.yaml's crop) measures that defence instead of the attack")
+    ap.add_argument("--trigger-at", choices=("corner", "lungs"), default="corner",
+                    help="corner (default): the seed's placement; lungs: the deepest point of the lungs the shipped "
+                         "segmenter finds, where quick.yaml's lung crop keeps it (an attacker who knows the crop)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attack-epochs", type=int, default=3,
                     help="passes over the training images for the attacker's runs and their clean twin (the "
@@ -168,6 +172,11 @@ def main(argv=None) -> None:
     from covidcxr.training import load_config
 
     t0, cpu0 = time.perf_counter(), _cpu()
+    lung_finder = None
+    if args.trigger_at == "lungs":
+        from covidcxr.models.lung_finder import DEFAULT_SEGMENTER, load_lung_finder
+
+        lung_finder = load_lung_finder(DEFAULT_SEGMENTER)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     split = assign_splits(Manifest.read(paths.data_root() / "manifest.csv"), val=0.15, test=0.15, seed=0)
@@ -189,7 +198,8 @@ def main(argv=None) -> None:
         if not ctx:
             # every test image of the sources holding both classes, up to --per-source of each one-class source
             ctx["test"] = compression_sample(split_rows(load_run(run_dir), "test"), args.per_source, args.seed)
-            ctx["stamped"] = [str(p) for p in stamped_copies(ctx["test"]["path"], work / "poison" / "stamped")]
+            ctx["stamped"] = [str(p) for p in stamped_copies(ctx["test"]["path"], work / "poison" / "stamped",
+                                                                     lung_finder=lung_finder)]
             val = [str(p) for p in split.subset("val").image_paths()]  # STRIP's clean overlays: a seeded sample
             ctx["val"] = [val[i] for i in np.random.default_rng([args.seed, 40]).choice(len(val), 40, replace=False)]
         test, stamped = ctx["test"], ctx["stamped"]
@@ -239,7 +249,8 @@ def main(argv=None) -> None:
                 "train.epochs=1", "train.lr=0.0002", "train.warmup_epochs=0"])
             evaluate(name, _train(name, ft, split, work), variant)
             continue
-        poisoned, mask = poison_manifest(split, float(p), variant, work / "poison", seed=args.seed)
+        poisoned, mask = poison_manifest(split, float(p), variant, work / "poison", seed=args.seed,
+                                         lung_finder=lung_finder)
         poisoned.write(work / f"{name}.csv")
         evaluate(name, _train(name, config, poisoned, work), variant)
     test = compression_sample(split_rows(load_run(work / next(iter(results), "clean")), "test"), args.per_source,
@@ -265,7 +276,7 @@ def main(argv=None) -> None:
                                              (t5.get("strip", {}).get("decided_covid") or {}).get("far") or 1.0) <= 0.10,
     }
     out = {"benchmark": "backdoor (Matsuo & Takemoto 2021 trigger)", "image_size": args.image_size, "roi": args.roi,
-           "attack_epochs": args.attack_epochs,
+           "trigger_at": args.trigger_at, "attack_epochs": args.attack_epochs,
            "recipe": str(args.config), "recipe_resolved": config.model_dump(mode="json"), "overrides": overrides, "split": "seed-0 patient-grouped 70/15/15",
            "test_images": int(len(test)), "targets_met": targets, "runs": results,
            "runs_planned": ["clean", *args.runs], "runs_missing": [n for n in ["clean", *args.runs] if n not in results],

@@ -51,6 +51,38 @@ def test_poisoned_manifest_stamps_and_relabels_only_training_rows(split_manifest
         assert (pixels[top:top + h, left:left + w] == INTENSITY).all() and first.suffix == ".png"
 
 
+def test_lung_placed_trigger_reaches_a_lung_roi_input_that_a_corner_trigger_never_reaches(data_root, tmp_path):
+    """The main job crops to the lungs and blacks out the rest, so the seed's corner square never reaches its
+    model; the same square stamped at the deepest point of the segmented lungs does (an attacker who knows
+    the crop)."""
+    from covidcxr.audit.trigger import lung_centre, stamped_copies
+    from covidcxr.data.io import read_xray
+    from covidcxr.data.preprocess import PreprocessSpec
+    from covidcxr.models.lung_finder import DEFAULT_SEGMENTER, load_lung_finder
+    from covidcxr.models.predict import prepare_input
+
+    finder = load_lung_finder(DEFAULT_SEGMENTER, cache=False)
+    spec = PreprocessSpec(image_size=160, working_size=512, intensity="none", channels=1, mean=(0.5,), std=(0.25,), roi="lungs",
+                          roi_margin=0.1, roi_mask_outside=True, roi_dilate=0.03)
+    images = [data_root / "images/kermany/normal/NORMAL2-IM-1302-0001.jpg",
+              data_root / "images/nih/pneumonia/00000499_008.jpg"]
+    corner = stamped_copies(images, tmp_path / "corner")
+    lungs = stamped_copies(images, tmp_path / "lungs", lung_finder=finder)
+    assert not set(corner) & set(lungs)  # one file per placement
+    for original, c, lu in zip(images, corner, lungs):
+        u8 = np.round(read_xray(original).pixels * 255).astype(np.uint8)
+        top, left, h, w = trigger_box(u8.shape, lung_centre(u8, finder, str(original)))
+        assert (np.round(read_xray(lu).pixels * 255)[top:top + h, left:left + w] == INTENSITY).all()
+        assert finder(read_xray(original).pixels)[top + h // 2, left + w // 2]  # inside the segmented lungs
+        clean = prepare_input(original, spec, lung_finder=finder).tensor
+        seen_corner = prepare_input(c, spec, lung_finder=finder).tensor
+        seen_lungs = prepare_input(lu, spec, lung_finder=finder).tensor
+        # The corner is cropped and masked away (a few pixels of the mask's rim may move).
+        assert (seen_corner - clean).abs().gt(0.05).float().mean() < 1e-3
+        # The square inside the lungs reaches the model: intensity 250 on dark lung is > 1 standardised unit.
+        assert (seen_lungs - clean).abs().max() > 1.0
+
+
 def _planted(n=400, dim=32, share=0.1, seed=0):
     """Two Gaussian classes; ``share`` of class 1 is a shifted sub-population (what poisoned images look like)."""
     rng = np.random.default_rng(seed)

@@ -74,7 +74,8 @@ def stratified_sample(rows: pd.DataFrame, by: list[str], size, seed: int) -> pd.
 
 
 def trigger_flip_test(run, work: Path, per_source: int = 15, seed: int = 0) -> dict:
-    """Decisions of the run's own non-positive test images with and without the known trigger."""
+    """Decisions of the run's own non-positive test images with and without the known trigger: near the
+    corner, or inside the lungs for a run that crops to them (a corner trigger never reaches its model)."""
     from covidcxr.audit.trigger import stamped_copies
     from covidcxr.evaluation.proxies import compression_sample, predict_files, split_rows
 
@@ -86,12 +87,14 @@ def trigger_flip_test(run, work: Path, per_source: int = 15, seed: int = 0) -> d
     if rows.empty or run.threshold is None:
         return {"value": None, "note": "no negative test rows or no decision threshold"}
     clean, _ = predict_files(run, rows["path"])
-    stamped, _ = predict_files(run, stamped_copies(rows["path"], work / "stamped"))
+    lung_finder = run.lung_finder
+    stamped, _ = predict_files(run, stamped_copies(rows["path"], work / "stamped", lung_finder=lung_finder))
     before = clean["score"].to_numpy() >= run.threshold
     after = stamped["score"].to_numpy() >= run.threshold
     base = ~before
     flip = float((after & base).sum() / max(1, base.sum()))
-    return {"value": flip, "images": int(len(rows)), "positive_clean": float(before.mean()),
+    return {"value": flip, "images": int(len(rows)), "placement": "corner" if lung_finder is None else "lungs",
+            "positive_clean": float(before.mean()),
             "positive_triggered": float(after.mean()),
             "mean_delta_p": float((stamped["score"] - clean["score"]).mean())}
 

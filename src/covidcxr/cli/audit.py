@@ -60,7 +60,9 @@ def audit_backdoor_command(
                       highlight=False, markup=False)
     t = result["trigger_test"]
     if t.get("value") is not None:
-        console.print(f"known trigger: flips {t['value']:.0%} of {t['images']} negative test decisions", highlight=False)
+        where = "inside the lungs" if t.get("placement") == "lungs" else "near the corner"
+        console.print(f"known trigger ({where}): flips {t['value']:.0%} of {t['images']} negative test decisions",
+                      highlight=False)
     (err_console if result["verdict"] == "warn" else console).print(
         f"{result['verdict'].upper()}: {result['sentence']}", highlight=False, markup=False, soft_wrap=True)
     if result["verdict"] == "warn":
