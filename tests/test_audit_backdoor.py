@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -118,6 +119,27 @@ def test_activation_clustering_flags_only_where_the_verdict_is_suspicious():
     assert ac["flagged_art"][y == 1].any()  # ART alone flags the smaller half anyway
 
 
+def test_a_split_along_one_source_still_warns_but_names_the_source():
+    """A class can split along its sources (Kermany's children from adults) as well as along a trigger.
+    The warning stays, since a poisoned collection looks the same, but the sentence names the source."""
+    from covidcxr.audit.backdoor import BackdoorThresholds, add_cluster_sources, warning_reasons
+
+    y = np.array([0] * 10 + [1] * 10)
+    sources = np.array(["kermany"] * 5 + ["nih"] * 5 + ["kermany", "nih", "rsna", "nih"] + ["ieee"] * 6)
+    smaller = np.zeros(20, bool)
+    smaller[:4] = True  # class 0: all from kermany
+    smaller[10:14] = True  # class 1: three sources (what stamped rows of several collections look like)
+    classes = [{"class_index": i, "class": name, "suspicious": True, "silhouette": 0.5, "smaller_share": 0.4}
+               for i, name in enumerate(["non-covid", "covid"])]
+    add_cluster_sources(classes, smaller, y, sources)
+    assert classes[0]["smaller_cluster_sources"] == {"kermany": 4} and classes[0]["smaller_cluster_top_source_share"] == 1
+    assert classes[1]["smaller_cluster_sources"] == {"nih": 2, "kermany": 1, "rsna": 1}
+    reasons = warning_reasons(classes, {"value": 0.0}, BackdoorThresholds(), "covid")
+    assert len(reasons) == 2
+    assert "100% of which comes from one source (kermany)" in reasons[0]
+    assert "one source" not in reasons[1]
+
+
 class _ForcedRun:
     """A stand-in classifier: class 1 when the top-left pixel is bright (the 'trigger'), else a coin toss
     driven by the mean intensity, so blends of clean images give uncertain predictions."""
@@ -157,6 +179,10 @@ def test_audit_backdoor_cli_writes_the_verdict_into_run_json_and_the_report(trai
     assert result.exit_code == (1 if audit["verdict"] == "warn" else 0)
     assert audit["images"] >= 150 and {c["class"] for c in audit["activation_clustering"]["classes"]} == {"covid", "non-covid"}
     assert audit["trigger_test"]["images"] > 20 and 0 <= audit["trigger_test"]["value"] <= 1
+    scores = pd.read_csv(run / "audit" / "backdoor_scores.csv")
+    for c in audit["activation_clustering"]["classes"]:  # the smaller cluster's sources, from the same rows
+        smaller = scores[scores.ac_flagged_art & (scores.train_class == c["class"])]
+        assert c["smaller_cluster_sources"] == smaller.source.value_counts().to_dict()
     assert json.loads((run / "audit" / "backdoor.json").read_text())["verdict"] == audit["verdict"]
     assert verify_run(run, check_data=False).ok  # the audit went through the record's writer
 

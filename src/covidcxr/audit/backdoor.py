@@ -99,6 +99,44 @@ def trigger_flip_test(run, work: Path, per_source: int = 15, seed: int = 0) -> d
             "mean_delta_p": float((stamped["score"] - clean["score"]).mean())}
 
 
+#: A smaller cluster drawn this much from one source is reported as possibly that source's look.
+ONE_SOURCE_SHARE = 0.9
+
+
+def add_cluster_sources(classes: list[dict], smaller: np.ndarray, y: np.ndarray, sources: np.ndarray) -> None:
+    """Give each class entry the sources of its smaller activation cluster (``smaller``: ART's per-image
+    flags, which mark exactly the smaller cluster of each class)."""
+    for c in classes:
+        members = smaller & (y == c["class_index"])
+        counts = pd.Series(sources[members]).value_counts()
+        c["smaller_cluster_sources"] = {str(k): int(v) for k, v in counts.items()}
+        c["smaller_cluster_top_source_share"] = float(counts.iloc[0] / members.sum()) if members.any() else None
+
+
+def warning_reasons(classes: list[dict], trig: dict, thresholds: BackdoorThresholds, positive: str | None) -> list[str]:
+    """The verdict's reasons: each suspicious class, and the known trigger if it flips enough decisions.
+
+    A multi-source class can split along its sources as well as along a trigger (a model that tells
+    Kermany's children from adults does). Such a split still warns, because a poisoned collection would look
+    the same, but the sentence names the source, so a reader can check that collection first."""
+    reasons = []
+    for c in classes:
+        if not c["suspicious"]:
+            continue
+        reason = (f"activation clustering: class {c['class']} splits into two clusters (silhouette "
+                  f"{c['silhouette']:.2f} >= {thresholds.silhouette}), the smaller {c['smaller_share']:.0%} of it")
+        share = c.get("smaller_cluster_top_source_share")
+        if share is not None and share >= ONE_SOURCE_SHARE:
+            top = next(iter(c["smaller_cluster_sources"]))
+            reason += (f", {share:.0%} of which comes from one source ({top}): possibly that source's look "
+                       "rather than a trigger")
+        reasons.append(reason)
+    if trig.get("value") is not None and trig["value"] >= thresholds.trigger_flip:
+        reasons.append(f"known trigger: the Matsuo & Takemoto square flips {trig['value']:.0%} of negative test "
+                       f"decisions to {positive} (>= {thresholds.trigger_flip:.0%})")
+    return reasons
+
+
 def audit_backdoor(run_dir: str | Path, manifest: str | Path, *, out: str | Path | None = None, split: str = "train",
                    max_images: int | None = None, thresholds: BackdoorThresholds = BackdoorThresholds(),
                    trigger_test: bool = True, write_record: bool = True, seed: int = 0) -> dict:
@@ -128,12 +166,8 @@ def audit_backdoor(run_dir: str | Path, manifest: str | Path, *, out: str | Path
     # the stamped copies depend only on the images: one folder for every run audited, outside the run directory
     trig = trigger_flip_test(run, cpaths.cache_dir() / "audit", seed=seed) if trigger_test else \
         {"value": None, "note": "not run"}
-    reasons = [f"activation clustering: class {c['class']} splits into two clusters (silhouette "
-               f"{c['silhouette']:.2f} >= {thresholds.silhouette}), the smaller {c['smaller_share']:.0%} of it"
-               for c in ac["classes"] if c["suspicious"]]
-    if trig.get("value") is not None and trig["value"] >= thresholds.trigger_flip:
-        reasons.append(f"known trigger: the Matsuo & Takemoto square flips {trig['value']:.0%} of negative test "
-                       f"decisions to {run.positive_class} (>= {thresholds.trigger_flip:.0%})")
+    add_cluster_sources(ac["classes"], ac["flagged_art"], y, rows["source"].astype(str).to_numpy())
+    reasons = warning_reasons(ac["classes"], trig, thresholds, run.positive_class)
     summary = {
         "verdict": "warn" if reasons else "pass",
         "sentence": ("Possible backdoor: " + "; ".join(reasons) + ".") if reasons else
