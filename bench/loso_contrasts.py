@@ -35,21 +35,17 @@ os.environ.setdefault("COVIDCXR_WEIGHTS_DIR", str(REPO.parent / "shared" / "weig
 
 
 def summarise(scores: pd.DataFrame) -> dict:
-    """AUC, AUC against each kind of negative, and mean P(covid) per label of one set of held-out scores."""
+    """AUC, AUC against each kind of negative, and mean P(covid) per label of one set of held-out scores
+    (the same per-label numbers ``loso.json`` records)."""
     from covidcxr.evaluation.metrics import auc_ci
+    from covidcxr.evaluation.within_source import scores_by_label
 
     ok = np.isfinite(scores["score"].to_numpy())
     s = scores[ok]
-    y, p, label = s["y"].to_numpy(), s["score"].to_numpy(), s["label"].astype(str).to_numpy()
-    out = {"n": int(len(s)), "refused": int((~ok).sum()), "positives": int(y.sum()),
-           "auc": auc_ci(y, p).to_dict() if 0 < y.sum() < len(y) else None,
-           "mean_p_by_label": {lab: round(float(p[label == lab].mean()), 4) for lab in sorted(set(label))},
-           "auc_by_negative_label": {}}
-    if y.any():
-        for lab in sorted(set(label[y == 0])):
-            m = (y == 1) | (label == lab)
-            out["auc_by_negative_label"][lab] = auc_ci(y[m], p[m]).to_dict()
-    return out
+    y, p = s["y"].to_numpy(), s["score"].to_numpy()
+    return {"n": int(len(s)), "refused": int((~ok).sum()), "positives": int(y.sum()),
+            "auc": auc_ci(y, p).to_dict() if 0 < y.sum() < len(y) else None,
+            **scores_by_label(y, p, s["label"].to_numpy())}
 
 
 def member_scores(run_dir: Path, scores: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -46,13 +46,11 @@ def run_recipe(recipe: str, work: Path, folds: int, seed: int, threads: int, los
     manifest = Manifest.read(data_root() / "manifest.csv")
     t0 = time.perf_counter()
     result = {"recipe": recipe, "what": spec["what"]}
-    if loso_sources:
+    if not loso_sources:
+        result["oof"] = out_of_fold_within_source(config, manifest, work / recipe / "oof", folds=folds, seed=seed)
+    if loso or loso_sources:
         result["loso"] = leave_one_source_out(config, manifest, work / recipe / "loso", seed=seed,
                                               sources=loso_sources)
-    else:
-        result["oof"] = out_of_fold_within_source(config, manifest, work / recipe / "oof", folds=folds, seed=seed)
-    if loso and not loso_sources:
-        result["loso"] = leave_one_source_out(config, manifest, work / recipe / "loso", seed=seed)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result.update(wall_s=round(time.perf_counter() - t0, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
                   loadavg_end=[round(v, 2) for v in os.getloadavg()])
@@ -103,7 +101,7 @@ def main() -> None:
         return
     if args.loso_sources:
         for recipe in [r for r in args.recipes.split(",") if r]:
-            run_recipe(recipe, work, args.folds, args.seed, args.threads, True,
+            run_recipe(recipe, work, args.folds, args.seed, args.threads, loso=False,
                        loso_sources=args.loso_sources.split(","))
         return
     recipes = [r for r in args.recipes.split(",") if r]

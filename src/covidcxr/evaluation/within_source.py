@@ -60,3 +60,20 @@ def within_source_auc_by_negative_label(y, score, sources, labels) -> dict:
         paired = (labels == label) & np.isin(sources, d.get("sources_used") or [])
         out[label] = {"negatives_in_pairs": int(paired.sum()), **d}
     return out
+
+
+def scores_by_label(y, score, labels) -> dict:
+    """The mean score of each manifest label, and the positives' AUC (DeLong CI) against each kind of
+    negative alone, for scores of *one* source (e.g. a held-out one, where there is no pooling to do).
+    An unseen collection's normals scored like COVID is what a hospital's COVID-vs-normal test punishes."""
+    from covidcxr.evaluation.metrics import auc_ci
+
+    y, score = np.asarray(y, int), np.asarray(score, float)
+    labels = np.asarray(labels, dtype=object).astype(str)
+    by_negative = {}
+    if y.any():
+        for label in sorted(set(labels[y == 0])):
+            m = (y == 1) | (labels == label)
+            by_negative[str(label)] = auc_ci(y[m], score[m]).to_dict()
+    return {"mean_p_by_label": {str(label): float(score[labels == label].mean()) for label in sorted(set(labels))},
+            "auc_by_negative_label": by_negative}

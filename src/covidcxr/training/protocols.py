@@ -156,6 +156,7 @@ def leave_one_source_out(config: TrainingConfig, manifest: Manifest, out_dir: st
     ``sources`` holds out only those; ``loso.json`` keeps the entries of sources held out by an earlier
     call with the same seed, so a protocol finished source by source ends with one complete file."""
     from covidcxr.evaluation.metrics import auc_ci
+    from covidcxr.evaluation.within_source import scores_by_label
 
     out_dir = Path(out_dir)
     keep, y = _targets(config, manifest)
@@ -184,13 +185,7 @@ def leave_one_source_out(config: TrainingConfig, manifest: Manifest, out_dir: st
                  "false_positive_rate": float((ss[neg] >= thr).mean()) if neg.any() and has_thr else None,
                  "sensitivity": float((ss[pos] >= thr).mean()) if pos.any() and has_thr else None,
                  "auc": auc_ci(yy[ok], ss[ok]).to_dict() if 0 < pos.sum() < ok.sum() else None}
-        labels = scores["label"].astype(str).to_numpy()
-        # An unseen collection's normals scored like COVID is what a same-hospital COVID-vs-normal test
-        # punishes, so the held-out images' mean P(covid) and the AUC are given per manifest label too.
-        entry["mean_p_by_label"] = {lab: float(ss[ok & (labels == lab)].mean()) for lab in sorted(set(labels[ok]))}
-        entry["auc_by_negative_label"] = {
-            lab: auc_ci(yy[m], ss[m]).to_dict() for lab in sorted(set(labels[neg]))
-            for m in [ok & ((yy == 1) | (labels == lab))] if pos.any()}
+        entry.update(scores_by_label(yy[ok], ss[ok], scores["label"].to_numpy()[ok]))
         result["held_out"][s] = entry
     write_json(out_dir / "loso.json", jsonable(result))
     return jsonable(result)
