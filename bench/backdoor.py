@@ -100,27 +100,33 @@ def _attack(run_dir: Path, test, stamped: list, variant: str | None) -> dict:
     return out
 
 
+def strip_inputs(run, test, stamped: list, val_paths: list, seed: int = 0):
+    """STRIP's preprocessed inputs: 200 seeded clean test images, 40 triggered negatives, and the clean
+    overlay pool (``val_paths``)."""
+    import torch
+
+    from covidcxr.models.predict import prepare_input
+
+    rng = np.random.default_rng([seed, 7])
+    neg = np.flatnonzero(test["y"].to_numpy() == 0)
+    clean_idx = rng.choice(len(test), min(200, len(test)), replace=False)
+    trig_idx = rng.choice(neg, min(40, len(neg)), replace=False)
+    tensors = lambda paths: torch.stack([prepare_input(p, run.spec, lung_finder=run.lung_finder).tensor for p in paths])  # noqa: E731
+    return (tensors([test["path"].iloc[i] for i in clean_idx]), tensors([stamped[i] for i in trig_idx]),
+            tensors(val_paths))
+
+
 def _strip(run_dir: Path, test, stamped: list, val_paths: list, seed: int = 0, overlays: int = 16) -> dict:
     """STRIP's false acceptance at 1% false rejection, two ways: against every clean input (Gao et al.),
     and against the clean inputs *decided the target class* (covid), counting the triggered inputs
     decided covid. A binary model is confidently sure of many clean negatives whatever is blended in,
     so their low entropy sets the first threshold; the attack forces covid, so the second compares
     like with like."""
-    import torch
-
     from covidcxr.audit.detectors import far_at_frr, strip_entropy
-    from covidcxr.models.predict import prepare_input
     from covidcxr.models.run import load_run
 
     run = load_run(run_dir)
-    rng = np.random.default_rng([seed, 7])
-    neg = np.flatnonzero(test["y"].to_numpy() == 0)
-    clean_idx = rng.choice(len(test), min(200, len(test)), replace=False)
-    trig_idx = rng.choice(neg, min(40, len(neg)), replace=False)
-    tensors = lambda paths: torch.stack([prepare_input(p, run.spec, lung_finder=run.lung_finder).tensor for p in paths])  # noqa: E731
-    pool = tensors(val_paths)
-    x_clean = tensors([test["path"].iloc[i] for i in clean_idx])
-    x_trig = tensors([stamped[i] for i in trig_idx])
+    x_clean, x_trig, pool = strip_inputs(run, test, stamped, val_paths, seed)
     e_clean = strip_entropy(run, x_clean, pool, overlays=overlays, seed=seed)
     e_trig = strip_entropy(run, x_trig, pool, overlays=overlays, seed=seed + 1)
     pos = run.classes.index(run.positive_class)
@@ -132,6 +138,20 @@ def _strip(run_dir: Path, test, stamped: list, val_paths: list, seed: int = 0, o
                             if dec_clean.sum() >= 10 and dec_trig.any() else
                             {"far": None, "note": "fewer than 10 clean or no triggered inputs decided covid"})
     return out
+
+
+def test_context(run_dir: Path, split, work: Path, per_source: int, seed: int, lung_finder) -> dict:
+    """The test rows every run is scored on (every test image of the sources holding both classes, up to
+    ``per_source`` of each one-class source), their stamped copies, and STRIP's 40 seeded clean overlays."""
+    from covidcxr.audit.trigger import stamped_copies
+    from covidcxr.evaluation.proxies import compression_sample, split_rows
+    from covidcxr.models.run import load_run
+
+    test = compression_sample(split_rows(load_run(run_dir), "test"), per_source, seed)
+    stamped = [str(p) for p in stamped_copies(test["path"], work / "poison" / "stamped", lung_finder=lung_finder)]
+    val = [str(p) for p in split.subset("val").image_paths()]
+    return {"test": test, "stamped": stamped,
+            "val": [val[i] for i in np.random.default_rng([seed, 40]).choice(len(val), 40, replace=False)]}
 
 
 def main(argv=None) -> None:
@@ -164,7 +184,7 @@ def main(argv=None) -> None:
     from covidcxr import paths
     from covidcxr.audit.backdoor import audit_backdoor
     from covidcxr.audit.detectors import precision_recall
-    from covidcxr.audit.trigger import poison_manifest, stamped_copies
+    from covidcxr.audit.trigger import poison_manifest
     from covidcxr.data.manifest import Manifest
     from covidcxr.data.splits import assign_splits
     from covidcxr.evaluation.proxies import compression_sample, split_rows
@@ -196,12 +216,7 @@ def main(argv=None) -> None:
             results[name] = json.loads(cache.read_text())
             return
         if not ctx:
-            # every test image of the sources holding both classes, up to --per-source of each one-class source
-            ctx["test"] = compression_sample(split_rows(load_run(run_dir), "test"), args.per_source, args.seed)
-            ctx["stamped"] = [str(p) for p in stamped_copies(ctx["test"]["path"], work / "poison" / "stamped",
-                                                                     lung_finder=lung_finder)]
-            val = [str(p) for p in split.subset("val").image_paths()]  # STRIP's clean overlays: a seeded sample
-            ctx["val"] = [val[i] for i in np.random.default_rng([args.seed, 40]).choice(len(val), 40, replace=False)]
+            ctx.update(test_context(run_dir, split, work, args.per_source, args.seed, lung_finder))
         test, stamped = ctx["test"], ctx["stamped"]
         print(f"evaluating {name}", flush=True)
         e0, c0 = time.perf_counter(), _cpu()
@@ -216,7 +231,8 @@ def main(argv=None) -> None:
             r["detection"] = {
                 "verdict": audit["verdict"], "sentence": audit["sentence"],
                 "activation_clustering_art": precision_recall(audit["_flags"]["ac_art"], truth),
-                "activation_clustering_gated": precision_recall(audit["_flags"]["ac"], truth),
+                "activation_clustering_gated": precision_recall(audit["_flags"]["ac_cluster"], truth),
+                "activation_clustering_flagged": precision_recall(audit["_flags"]["ac"], truth),
                 "spectral_signatures": precision_recall(audit["_flags"]["ss"], truth),
                 "ac_classes": audit["activation_clustering"]["classes"],
                 "ss_classes": audit["spectral_signatures"]["classes"],
@@ -266,7 +282,8 @@ def main(argv=None) -> None:
             r["auc_drop_vs_twin_delong"] = delong_test(test["y"].to_numpy(), twin_scores, r["clean_scores"])
     t5 = results.get("targeted_0.05", {})
     d5 = t5.get("detection", {})
-    best = max((d5.get(k, {}) for k in ("activation_clustering_gated", "spectral_signatures", "activation_clustering_art")),
+    best = max((d5.get(k, {}) for k in ("activation_clustering_flagged", "activation_clustering_gated",
+                                         "spectral_signatures", "activation_clustering_art")),
                key=lambda e: (e.get("recall") or 0) if (e.get("precision") or 0) >= 0.5 else -1, default={})
     targets = {
         "asr_at_5pct_ge_0.90": (t5.get("asr") or 0) >= 0.90,

@@ -100,8 +100,10 @@ def test_activation_clustering_and_spectral_signatures_find_a_planted_subpopulat
     ac = activation_clustering(x, y, 2, silhouette=0.3)
     by_class = {c["class_index"]: c for c in ac["classes"]}
     assert by_class[1]["suspicious"] and not by_class[0]["suspicious"]  # the pure-noise class splits too, weakly
-    pr = precision_recall(ac["flagged"], poisoned)
+    pr = precision_recall(ac["in_smaller_cluster"], poisoned)
     assert pr["recall"] >= 0.95 and pr["precision"] >= 0.9
+    flagged = precision_recall(ac["flagged"], poisoned)  # 1.5 x the cluster: every poisoned one, a few clean
+    assert flagged["recall"] == 1.0 and flagged["flagged"] == round(1.5 * ac["in_smaller_cluster"].sum())
     art = precision_recall(ac["flagged_art"], poisoned)
     assert art["precision"] < 0.5  # ART alone also flags the smaller half of the clean class
     ss = spectral_signatures(x, y, 2, expected_fraction=0.1)
@@ -117,6 +119,20 @@ def test_activation_clustering_flags_only_where_the_verdict_is_suspicious():
     assert by_class[1]["silhouette"] >= 0.3 and by_class[1]["smaller_share"] > 0.35
     assert not by_class[1]["suspicious"] and not ac["flagged"].any()
     assert ac["flagged_art"][y == 1].any()  # ART alone flags the smaller half anyway
+
+
+def test_activation_clustering_flags_poisoned_images_the_clusters_border_leaves_on_the_clean_side():
+    """A trigger moves some poisoned images only part of the way (7 of 29 in a lung-placed attack): 2-means
+    leaves them in the clean cluster, but on the axis between the two clusters they still stand out."""
+    x, y, poisoned = _planted(share=0.1)
+    partial = np.zeros(len(y), bool)
+    partial[np.flatnonzero(poisoned)[:10]] = True
+    x[partial] -= 2.4  # 40% of the way from the clean class to the rest of the poisoned group
+    ac = activation_clustering(x, y, 2, silhouette=0.3)
+    assert not ac["in_smaller_cluster"][partial].any()  # the cluster border misses them
+    assert ac["flagged"][partial].all() and ac["score"][partial].min() > np.quantile(ac["score"][(y == 1) & ~poisoned], 0.99)
+    pr = precision_recall(ac["flagged"], poisoned)
+    assert pr["recall"] == 1.0 and pr["precision"] >= 0.5
 
 
 def test_a_split_along_one_source_still_warns_but_names_the_source():
@@ -183,6 +199,10 @@ def test_audit_backdoor_cli_writes_the_verdict_into_run_json_and_the_report(trai
     for c in audit["activation_clustering"]["classes"]:  # the smaller cluster's sources, from the same rows
         smaller = scores[scores.ac_flagged_art & (scores.train_class == c["class"])]
         assert c["smaller_cluster_sources"] == smaller.source.value_counts().to_dict()
+        in_class = scores[scores.train_class == c["class"]]
+        expected = round(1.5 * in_class.ac_in_smaller_cluster.sum()) if c["suspicious"] else 0
+        assert in_class.ac_flagged.sum() == expected and (in_class.ac_in_smaller_cluster <= c["suspicious"]).all()
+    assert scores.ac_flagged.sum() == audit["activation_clustering"]["flagged"]
     assert json.loads((run / "audit" / "backdoor.json").read_text())["verdict"] == audit["verdict"]
     assert verify_run(run, check_data=False).ok  # the audit went through the record's writer
 

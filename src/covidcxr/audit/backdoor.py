@@ -6,7 +6,8 @@ Three looks, none of which needs to know the trigger except the last:
    (:func:`covidcxr.audit.detectors.activation_clustering`): a class whose features split into two
    well-separated clusters (silhouette >= ``silhouette``) with a small one (share <= ``max_share``)
    holds a sub-population the model treats apart from the rest of its class: the signature of
-   poisoned images relabelled into it.
+   poisoned images relabelled into it. The images to inspect are those nearest the small cluster's
+   side, ``flag_margin`` x its size of them.
 2. **Spectral signatures** (:func:`~covidcxr.audit.detectors.spectral_signatures`): per class,
    the images with the strongest projection on the top singular direction; reported, and listed.
 3. **Known-trigger test**: the Matsuo & Takemoto square (:mod:`covidcxr.audit.trigger`) stamped on
@@ -39,6 +40,7 @@ class BackdoorThresholds:
     max_share: float = 0.35  # ... whose smaller cluster is at most this share of the class (ART's default)
     trigger_flip: float = 0.30  # known-trigger test: share of negative decisions the stamp flips
     expected_fraction: float = 0.10  # spectral signatures flag the top 1.5 x this share of each class
+    flag_margin: float = 1.5  # a suspicious class's top margin x its smaller cluster's size are flagged
 
 
 def manifest_rows(run, manifest_path: str | Path, split: str, max_images: int | None, seed: int) -> pd.DataFrame:
@@ -155,7 +157,7 @@ def audit_backdoor(run_dir: str | Path, manifest: str | Path, *, out: str | Path
         raise CovidCXRError(f"{run_dir}: an ensemble has no single feature space; audit each member run")
     y, k = rows["y"].to_numpy(), len(run.classes)
     ac = activation_clustering(feats, y, k, silhouette=thresholds.silhouette, max_share=thresholds.max_share,
-                               seed=seed)
+                               margin=thresholds.flag_margin, seed=seed)
     ss = spectral_signatures(feats, y, k, expected_fraction=thresholds.expected_fraction)
     for c in ac["classes"]:
         c["class"] = run.classes[c["class_index"]]
@@ -175,19 +177,22 @@ def audit_backdoor(run_dir: str | Path, manifest: str | Path, *, out: str | Path
                     "does not flip decisions (this cannot rule out an unknown trigger).",
         "manifest": str(manifest), "split": split, "images": int(len(rows)),
         "activation_clustering": {"classes": ac["classes"], "flagged": int(ac["flagged"].sum()),
+                                  "in_smaller_cluster": int(ac["in_smaller_cluster"].sum()),
                                   "flagged_art": int(ac["flagged_art"].sum())},
         "spectral_signatures": {"classes": ss["classes"], "flagged": int(ss["flagged"].sum())},
         "trigger_test": trig, "thresholds": asdict(thresholds), "model_sha256": run.model_sha256,
     }
     out.mkdir(parents=True, exist_ok=True)
     scores = rows[["image", "source", "label"]].assign(
-        train_class=[run.classes[i] for i in y], ac_flagged=ac["flagged"], ac_flagged_art=ac["flagged_art"],
+        train_class=[run.classes[i] for i in y], ac_flagged=ac["flagged"], ac_score=ac["score"],
+        ac_in_smaller_cluster=ac["in_smaller_cluster"], ac_flagged_art=ac["flagged_art"],
         spectral_score=ss["scores"], spectral_flagged=ss["flagged"])
     scores.to_csv(out / "backdoor_scores.csv", index=False)
     write_json(out / "backdoor.json", summary)
     if write_record:
         record = run.record
         update_run_record(run_dir, audits={**record.audits, "backdoor": summary})
-    return {**summary, "_rows": rows, "_flags": {"ac": ac["flagged"], "ac_art": ac["flagged_art"],
+    return {**summary, "_rows": rows, "_flags": {"ac": ac["flagged"], "ac_cluster": ac["in_smaller_cluster"],
+                                                 "ac_art": ac["flagged_art"],
                                                  "ss": ss["flagged"], "ss_scores": ss["scores"]},
             "_features": feats}

@@ -42,6 +42,8 @@ def audit_backdoor_command(
     silhouette: float = typer.Option(0.30, help="Activation clustering: silhouette of a class's two clusters at "
                                      "or above which the class is suspicious."),
     max_share: float = typer.Option(0.35, help="... if its smaller cluster is at most this share of the class."),
+    flag_margin: float = typer.Option(1.5, help="In a suspicious class, flag this many times the smaller "
+                                      "cluster's size: the images nearest its side (backdoor_scores.csv)."),
     trigger_flip: float = typer.Option(0.30, help="Known-trigger test: share of negative decisions flipped that warns."),
     trigger_test: bool = typer.Option(True, "--trigger-test/--no-trigger-test",
                                       help="Stamp the Matsuo & Takemoto trigger on the run's own test negatives."),
@@ -52,12 +54,17 @@ def audit_backdoor_command(
 
     result = audit_backdoor(run_dir, manifest, out=out, split=split, max_images=max_images, trigger_test=trigger_test,
                             thresholds=BackdoorThresholds(silhouette=silhouette, max_share=max_share,
-                                                          trigger_flip=trigger_flip), write_record=record)
+                                                          flag_margin=flag_margin, trigger_flip=trigger_flip),
+                            write_record=record)
     for c in result["activation_clustering"]["classes"]:
         sil = "n/a" if c["silhouette"] is None else f"{c['silhouette']:.2f}"
         console.print(f"activation clustering, class {c['class']}: {c['images']} images, silhouette {sil}, smaller "
                       f"cluster {c['smaller_share']:.0%}{'  SUSPICIOUS' if c['suspicious'] else ''}",
                       highlight=False, markup=False)
+    n_flagged = result["activation_clustering"]["flagged"]
+    if n_flagged:
+        console.print(f"{n_flagged} training images to inspect first: ac_flagged in "
+                      f"{(out or run_dir / 'audit') / 'backdoor_scores.csv'}", highlight=False, markup=False)
     t = result["trigger_test"]
     if t.get("value") is not None:
         where = "inside the lungs" if t.get("placement") == "lungs" else "near the corner"
