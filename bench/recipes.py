@@ -133,6 +133,9 @@ RECIPES: dict[str, dict] = {
     "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
                         "what": "wsauc_roi + JPEG (q30-95) p=0.5 and downscale-upscale (0.4-1) p=0.3 of every class "
                         "on the working-size image, before the lung crop (issue 10: compression is a shortcut)"},
+    "wsauc_roi_1pass_jpegw": {"overrides": WSAUC + ROI + ONE_PASS + JPEG_WORKING,
+                              "what": "wsauc_roi_1pass + the working-stage JPEG / resolution augmentation, the lungs "
+                              "segmented again on each changed image as inference does on a re-saved file"},
 }
 DEFAULT_RECIPES = ["quick_v1", "shuffled", "plain", "plain_jpeg", "plain_jpegw", "lpft", "lpft_jpeg", "lpft_jpegw",
                    "wsauc", "group_dro"]

@@ -12,7 +12,9 @@ image (up to ``--per-source`` per source, seeded) it scores the JPEG copy
 * with the ROI of the PNG copy (the same box and mask, only the JPEG pixels inside differ),
 
 and reports both means, their difference (the part the moved mask causes), the box IoU and the mask
-IoU between the two ROIs. Each RUN must be a single lung-ROI model (an ensemble member, say).
+IoU between the two ROIs, with the run's AUC and within-source AUC on its whole test split. Each RUN
+must be a single lung-ROI model (an ensemble member, say). ``--group NAME=RUN,RUN`` averages runs (the
+seeds of one recipe) under a name.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def measure(run_dir: Path, per_source: int, seed: int, work: Path) -> dict:
     from covidcxr.data.lung_roi import locate_lungs
     from covidcxr.data.preprocess import prepare, to_tensor, working_image
     from covidcxr.errors import ConfigError
-    from covidcxr.evaluation.proxies import compression_sample, split_rows
+    from covidcxr.evaluation.proxies import compression_sample, discrimination, predict_files, split_rows
     from covidcxr.evaluation.proxy_images import resaved_copies
     from covidcxr.models.run import load_run
 
@@ -72,7 +74,11 @@ def measure(run_dir: Path, per_source: int, seed: int, work: Path) -> dict:
 
     png = [load(p) for p in copies["png"]]
     p_png = score(png)
-    out = {"run": str(run_dir), "images": int(len(rows)), "sources": rows["source"].value_counts().to_dict()}
+    test = split_rows(run, "test")  # and what the model is worth on its whole test split
+    d = discrimination(test["y"].to_numpy(), predict_files(run, test["path"])[0]["score"].to_numpy(),
+                       test["source"].astype(str).to_numpy())
+    out = {"run": str(run_dir), "images": int(len(rows)), "sources": rows["source"].value_counts().to_dict(),
+           "test_auc": d["auc"], "test_within_source_auc": d.get("within_source_auc")}
     for q in QUALITIES:
         jpeg = [load(p) for p in copies[f"q{q}"]]
         own = np.abs(score(jpeg) - p_png)
@@ -93,7 +99,9 @@ def measure(run_dir: Path, per_source: int, seed: int, work: Path) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="*", type=Path)
+    ap.add_argument("--group", action="append", default=[], metavar="NAME=RUN,RUN",
+                    help="runs of one recipe (its seeds), averaged under NAME")
     ap.add_argument("--per-source", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/covidcxr_roi_jpeg"), help="re-saved copies")
@@ -102,12 +110,25 @@ def main(argv=None) -> None:
     from covidcxr.files import write_json
 
     t0 = time.perf_counter()
-    runs = [measure(r, args.per_source, args.seed, args.work) for r in args.runs]
-    summary = {f"q{q}": {k: float(np.mean([r[f"q{q}"][k] for r in runs]))
-                         for k in ("mean_abs_dp_own_roi", "mean_abs_dp_png_roi", "box_iou_mean", "mask_iou_mean")}
-               for q in QUALITIES}
+    groups = {"runs": [str(r) for r in args.runs]} if args.runs else {}
+    for g in args.group:
+        name, sep, paths = g.partition("=")
+        if not sep or not paths:
+            ap.error(f"--group {g!r}: expected NAME=RUN,RUN")
+        groups[name] = paths.split(",")
+    if not groups:
+        ap.error("give RUN paths or --group NAME=RUN,RUN")
+    results = {}
+    for name, members in groups.items():
+        runs = [measure(Path(r), args.per_source, args.seed, args.work) for r in members]
+        mean = {f"q{q}": {k: float(np.mean([r[f"q{q}"][k] for r in runs]))
+                          for k in ("mean_abs_dp_own_roi", "mean_abs_dp_png_roi", "box_iou_mean", "mask_iou_mean")}
+                for q in QUALITIES}
+        mean["test_auc"] = float(np.mean([r["test_auc"]["value"] for r in runs]))
+        mean["test_within_source_auc"] = float(np.mean([r["test_within_source_auc"]["value"] for r in runs]))
+        results[name] = {"runs": runs, "mean_over_runs": mean}
     write_json(args.out, {"benchmark": "JPEG sensitivity of lung-ROI models: classifier against moved lung ROI",
-                          "runs": runs, "mean_over_runs": summary, "wall_s": round(time.perf_counter() - t0, 1),
+                          "groups": results, "wall_s": round(time.perf_counter() - t0, 1),
                           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     print(f"wrote {args.out}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -467,3 +468,32 @@ def test_working_stage_jpeg_equals_inference_on_a_resaved_file(split_manifest):
     # no storage change drawn (p = 0): the cached prepared image, as CXRDataset gives it
     plain = WorkingStageDataset(manifest, "binary", spec, augment=None, storage=_storage_only(storage_stage="working"))
     assert torch.equal(plain[(0, 3)][0], plain[0][0])
+
+
+def test_working_stage_jpeg_finds_the_lungs_again_as_inference_does_on_a_resaved_file(split_manifest):
+    """With roi: lungs the re-saved image's lungs are segmented again: the mask moves under JPEG, and
+    inference on a re-saved file sees the moved mask, so training must too (bench/roi_jpeg_sensitivity.py)."""
+    import cv2
+
+    from covidcxr.data.io import decode_xray, read_xray
+    from covidcxr.data.preprocess import PreprocessSpec, working_image
+    from covidcxr.models.lung_finder import DEFAULT_SEGMENTER, load_lung_finder
+    from covidcxr.models.predict import prepare_bytes
+    from covidcxr.training.storage import WorkingStageDataset
+
+    manifest = split_manifest.subset(mask=(split_manifest.table.index < 3))
+    finder = load_lung_finder(DEFAULT_SEGMENTER, cache=False)
+    spec = PreprocessSpec(image_size=96, intensity="none", mean=(0.5,) * 3, std=(0.5,) * 3, roi="lungs",
+                          roi_mask_outside=True)
+    cfg = _storage_only(jpeg_p=1.0, jpeg_quality=(30, 30), storage_stage="working")
+    ds = WorkingStageDataset(manifest, "binary", spec, augment=None, storage=cfg, lung_finder=finder)
+    moved = 0
+    for i in range(len(ds)):
+        u8 = (read_xray(ds.paths[i]).pixels * 255).round().astype("uint8")
+        ok, buf = cv2.imencode(".jpg", u8, [int(cv2.IMWRITE_JPEG_QUALITY), 30])
+        expected = prepare_bytes(buf.tobytes(), "resaved.jpg", spec, lung_finder=finder)
+        assert torch.equal(ds[(i, 3)][0], expected.tensor)
+        working = working_image(decode_xray(buf.tobytes(), "resaved.jpg").pixels, spec.working_size)
+        moved += int(not np.array_equal(ds.roi(i).keep, ds.storage_roi(i, working).keep))
+    assert moved > 0  # at quality 30 the segmenter's mask differs from the clean image's on some image
+

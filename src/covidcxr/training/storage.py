@@ -7,7 +7,8 @@ item whose seed draws a storage change, it takes the item's working-size image (
 array inference starts from), re-compresses it as an 8-bit JPEG at a random quality
 (``augment.jpeg_quality``; for the shared 8-bit images this is exactly re-saving the stored file)
 and / or shrinks and re-enlarges it (``augment.resolution_scale``), then runs the normal stages
-(:func:`covidcxr.data.preprocess.prepare`, the rest of the augmentation, :func:`to_tensor`).
+(:func:`covidcxr.data.preprocess.prepare`, the rest of the augmentation, :func:`to_tensor`). With
+``roi: lungs`` the lungs are found again on the changed image, as inference finds them in such a file.
 Items whose seed draws no storage change come from the prepared-image memory cache as usual.
 
 The storage draw depends on the item's seed alone (through its own generator), so runs stay
@@ -19,7 +20,9 @@ from __future__ import annotations
 import torch
 
 from covidcxr.data.dataset import CXRDataset, load_working
+from covidcxr.data.lung_roi import locate_lungs
 from covidcxr.data.preprocess import dequantise, prepare, quantise, to_tensor
+from covidcxr.errors import ImageReadError
 from covidcxr.training.augment import jpeg_roundtrip, resolution_roundtrip
 from covidcxr.training.config import AugmentConfig
 
@@ -57,8 +60,20 @@ class WorkingStageDataset(CXRDataset):
             x = resolution_roundtrip(x, draw["resolution"])
         if draw["jpeg"] is not None:
             x = jpeg_roundtrip(x, draw["jpeg"], draw["jpeg_scale"])
-        # The lungs are where the clean image has them: re-compression does not move them.
-        return torch.from_numpy(dequantise(prepare(quantise(x.numpy()), self.spec, self.roi(i))))[None]
+        working = quantise(x.numpy())
+        return torch.from_numpy(dequantise(prepare(working, self.spec, self.storage_roi(i, working))))[None]
+
+    def storage_roi(self, i: int, working):
+        """The lungs of the re-saved image, found again as inference finds them in a re-saved file: the
+        segmenter's mask moves under re-compression, and a model trained on the clean image's mask reads
+        that outline (bench/roi_jpeg_sensitivity.py). If the changed image shows no lungs, the clean
+        image's ROI is used; the item itself is not lost."""
+        if self.spec.roi != "lungs":
+            return None
+        try:
+            return locate_lungs(working, self.spec, self.lung_finder, str(self.paths[i]))
+        except ImageReadError:
+            return self.roi(i)
 
     def __getitem__(self, item):
         i, seed = (item if isinstance(item, tuple) else (item, None))
