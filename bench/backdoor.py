@@ -140,6 +140,24 @@ def _strip(run_dir: Path, test, stamped: list, val_paths: list, seed: int = 0, o
     return out
 
 
+def shared_split():
+    """The benchmark's split of the shared manifest: seed-0 patient-grouped 70/15/15."""
+    from covidcxr import paths
+    from covidcxr.data.manifest import Manifest
+    from covidcxr.data.splits import assign_splits
+
+    return assign_splits(Manifest.read(paths.data_root() / "manifest.csv"), val=0.15, test=0.15, seed=0)
+
+
+def attacker_lung_finder(trigger_at: str):
+    """What places the trigger: None near the corner, the shipped lung segmenter inside the lungs."""
+    if trigger_at != "lungs":
+        return None
+    from covidcxr.models.lung_finder import DEFAULT_SEGMENTER, load_lung_finder
+
+    return load_lung_finder(DEFAULT_SEGMENTER)
+
+
 def test_context(run_dir: Path, split, work: Path, per_source: int, seed: int, lung_finder) -> dict:
     """The test rows every run is scored on (every test image of the sources holding both classes, up to
     ``per_source`` of each one-class source), their stamped copies, and STRIP's 40 seeded clean overlays."""
@@ -181,25 +199,18 @@ def main(argv=None) -> None:
                          "a pipeline without covidcxr's geometric augmentation)")
     args = ap.parse_args(argv)
 
-    from covidcxr import paths
     from covidcxr.audit.backdoor import audit_backdoor
     from covidcxr.audit.detectors import precision_recall
     from covidcxr.audit.trigger import poison_manifest
-    from covidcxr.data.manifest import Manifest
-    from covidcxr.data.splits import assign_splits
     from covidcxr.evaluation.proxies import compression_sample, split_rows
     from covidcxr.models.run import load_run
     from covidcxr.training import load_config
 
     t0, cpu0 = time.perf_counter(), _cpu()
-    lung_finder = None
-    if args.trigger_at == "lungs":
-        from covidcxr.models.lung_finder import DEFAULT_SEGMENTER, load_lung_finder
-
-        lung_finder = load_lung_finder(DEFAULT_SEGMENTER)
+    lung_finder = attacker_lung_finder(args.trigger_at)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    split = assign_splits(Manifest.read(paths.data_root() / "manifest.csv"), val=0.15, test=0.15, seed=0)
+    split = shared_split()
     split.write(work / "clean.csv")
     overrides = [f"preprocess.image_size={args.image_size}", f"preprocess.roi={args.roi}", "train.progress=false",
                  f"train.seed={args.seed}", *args.extra]

@@ -1,6 +1,7 @@
 """Where a lung-ROI model's sensitivity to JPEG re-compression comes from: the classifier, or the lung mask.
 
-    python bench/roi_jpeg_sensitivity.py RUN [RUN ...] [--per-source 10] [--out bench/results/roi_jpeg_sensitivity.json]
+    python bench/roi_jpeg_sensitivity.py [RUN ...] [--group NAME=RUN,RUN ...] [--per-source 10]
+                                         [--out bench/results/roi_jpeg_sensitivity.json]
 
 The shortcut scorecard and issue 10's proxy re-save test images as JPEG (quality 90 / 70 / 50) and
 measure the mean |change of P(covid)| against a lossless PNG copy. For a run with ``roi: lungs`` the
@@ -40,10 +41,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
-def _box_mask(box, shape) -> np.ndarray:
-    m = np.zeros(shape, bool)
-    m[box[0]:box[2], box[1]:box[3]] = True
-    return m
+def _box_iou(a, b) -> float:
+    """IoU of two (top, left, bottom, right) boxes."""
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / max(1, area(a) + area(b) - inter)
 
 
 def measure(run_dir: Path, per_source: int, seed: int, work: Path) -> dict:
@@ -60,7 +62,8 @@ def measure(run_dir: Path, per_source: int, seed: int, work: Path) -> dict:
     run = load_run(run_dir)
     if run.spec.roi != "lungs" or run.record.members:
         raise ConfigError(f"{run_dir}: needs a single model with roi: lungs (an ensemble: pass its members)")
-    rows = compression_sample(split_rows(run, "test"), per_source, seed)
+    test = split_rows(run, "test")
+    rows = compression_sample(test, per_source, seed)
     copies = resaved_copies(rows["path"].tolist(), work, QUALITIES)
     pos = run.classes.index(run.positive_class)
 
@@ -74,7 +77,7 @@ def measure(run_dir: Path, per_source: int, seed: int, work: Path) -> dict:
 
     png = [load(p) for p in copies["png"]]
     p_png = score(png)
-    test = split_rows(run, "test")  # and what the model is worth on its whole test split
+    # what the model is worth on its whole test split
     d = discrimination(test["y"].to_numpy(), predict_files(run, test["path"])[0]["score"].to_numpy(),
                        test["source"].astype(str).to_numpy())
     out = {"run": str(run_dir), "images": int(len(rows)), "sources": rows["source"].value_counts().to_dict(),
@@ -83,8 +86,7 @@ def measure(run_dir: Path, per_source: int, seed: int, work: Path) -> dict:
         jpeg = [load(p) for p in copies[f"q{q}"]]
         own = np.abs(score(jpeg) - p_png)
         fixed = np.abs(score([(w, roi) for (w, _), (_, roi) in zip(jpeg, png)]) - p_png)
-        box_iou = np.array([_iou(_box_mask(a.box, w.shape), _box_mask(b.box, w.shape))
-                            for (w, a), (_, b) in zip(png, jpeg)])
+        box_iou = np.array([_box_iou(a.box, b.box) for (_, a), (_, b) in zip(png, jpeg)])
         mask_iou = np.array([_iou(a.keep, b.keep) for (_, a), (_, b) in zip(png, jpeg)
                              if a.keep is not None and b.keep is not None])
         out[f"q{q}"] = {"mean_abs_dp_own_roi": float(own.mean()), "mean_abs_dp_png_roi": float(fixed.mean()),

@@ -59,11 +59,8 @@ def main(argv=None) -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from backdoor import strip_inputs, test_context
-    from covidcxr import paths
+    from backdoor import attacker_lung_finder, shared_split, strip_inputs, test_context
     from covidcxr.audit.detectors import blend_predictions, far_at_frr
-    from covidcxr.data.manifest import Manifest
-    from covidcxr.data.splits import assign_splits
     from covidcxr.errors import CovidCXRError
     from covidcxr.models.run import load_run
 
@@ -71,13 +68,8 @@ def main(argv=None) -> None:
     if not (run_dir / "run.json").is_file():
         raise CovidCXRError(f"{run_dir}: no finished run; run bench/backdoor.py with --work {args.work} first")
     t0 = time.perf_counter()
-    lung_finder = None
-    if args.trigger_at == "lungs":
-        from covidcxr.models.lung_finder import DEFAULT_SEGMENTER, load_lung_finder
-
-        lung_finder = load_lung_finder(DEFAULT_SEGMENTER)
-    split = assign_splits(Manifest.read(paths.data_root() / "manifest.csv"), val=0.15, test=0.15, seed=0)
-    ctx = test_context(run_dir, split, args.work, args.per_source, args.seed, lung_finder)
+    ctx = test_context(run_dir, shared_split(), args.work, args.per_source, args.seed,
+                       attacker_lung_finder(args.trigger_at))
     run = load_run(run_dir)
     x_clean, x_trig, pool = strip_inputs(run, ctx["test"], ctx["stamped"], ctx["val"], args.seed)
     pos = run.classes.index(run.positive_class)

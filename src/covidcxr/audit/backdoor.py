@@ -142,7 +142,8 @@ def warning_reasons(classes: list[dict], trig: dict, thresholds: BackdoorThresho
 def audit_backdoor(run_dir: str | Path, manifest: str | Path, *, out: str | Path | None = None, split: str = "train",
                    max_images: int | None = None, thresholds: BackdoorThresholds = BackdoorThresholds(),
                    trigger_test: bool = True, write_record: bool = True, seed: int = 0) -> dict:
-    """Run the detectors of the module docstring; returns the summary (plus ``_rows`` and ``_flags`` for callers)."""
+    """Run the detectors of the module docstring; returns the summary (plus ``_out``, ``_rows`` and ``_flags``
+    for callers)."""
     from covidcxr.audit.detectors import activation_clustering, spectral_signatures
     from covidcxr.evaluation.proxies import predict_files
     from covidcxr.models.record import update_run_record
@@ -192,7 +193,7 @@ def audit_backdoor(run_dir: str | Path, manifest: str | Path, *, out: str | Path
     if write_record:
         record = run.record
         update_run_record(run_dir, audits={**record.audits, "backdoor": summary})
-    return {**summary, "_rows": rows, "_flags": {"ac": ac["flagged"], "ac_cluster": ac["in_smaller_cluster"],
+    return {**summary, "_out": out, "_rows": rows, "_flags": {"ac": ac["flagged"], "ac_cluster": ac["in_smaller_cluster"],
                                                  "ac_art": ac["flagged_art"],
                                                  "ss": ss["flagged"], "ss_scores": ss["scores"]},
             "_features": feats}

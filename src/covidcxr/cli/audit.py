@@ -42,7 +42,7 @@ def audit_backdoor_command(
     silhouette: float = typer.Option(0.30, help="Activation clustering: silhouette of a class's two clusters at "
                                      "or above which the class is suspicious."),
     max_share: float = typer.Option(0.35, help="... if its smaller cluster is at most this share of the class."),
-    flag_margin: float = typer.Option(1.5, help="In a suspicious class, flag this many times the smaller "
+    flag_margin: float = typer.Option(1.5, min=0.0, help="In a suspicious class, flag this many times the smaller "
                                       "cluster's size: the images nearest its side (backdoor_scores.csv)."),
     trigger_flip: float = typer.Option(0.30, help="Known-trigger test: share of negative decisions flipped that warns."),
     trigger_test: bool = typer.Option(True, "--trigger-test/--no-trigger-test",
@@ -64,7 +64,7 @@ def audit_backdoor_command(
     n_flagged = result["activation_clustering"]["flagged"]
     if n_flagged:
         console.print(f"{n_flagged} training images to inspect first: ac_flagged in "
-                      f"{(out or run_dir / 'audit') / 'backdoor_scores.csv'}", highlight=False, markup=False)
+                      f"{result['_out'] / 'backdoor_scores.csv'}", highlight=False, markup=False)
     t = result["trigger_test"]
     if t.get("value") is not None:
         where = "inside the lungs" if t.get("placement") == "lungs" else "near the corner"
