@@ -1,6 +1,7 @@
 """Out-of-fold scores of several recipes, split by what the COVID images are contrasted with.
 
-    python bench/oof_contrasts.py --recipe NAME=SCORES.csv | NAME:SEED=oof_scores.csv [--recipe ...] --baseline NAME
+    python bench/oof_contrasts.py --recipe NAME=SCORES.csv | NAME@S,S,..=SCORES.csv | NAME:SEED=oof_scores.csv
+                                  [--recipe ...] --baseline NAME
                                   [--out bench/results/oof_contrasts.json]
 
 ``NAME=SCORES.csv`` is what ``bench/seed_ensemble.py`` writes beside its JSON: one row per ieee8023 /
@@ -81,21 +82,39 @@ def fold_val_aucs(oof_scores: Path) -> list[float]:
             for d in sorted(oof_scores.parent.glob("fold_*")) if (d / "run.json").is_file()]
 
 
-def parse_inputs(items: list[str]) -> tuple[dict[str, Path], dict[str, dict[int, Path]]]:
-    """``--recipe`` values: ``NAME=SCORES.csv`` files, and ``NAME:SEED=oof_scores.csv`` files per name and seed."""
-    files: dict[str, Path] = {}
+def seed_subset(path: Path, keep: list[int]) -> pd.DataFrame:
+    """A seed_ensemble table with only the ``seed_S`` columns of ``keep``, and ``mean_probability`` their mean."""
+    t = pd.read_csv(path)
+    cols = [f"seed_{s}" for s in keep]
+    missing = [c for c in cols if c not in t.columns]
+    if missing:
+        raise SystemExit(f"{path}: no column {missing[0]}")
+    t = t.drop(columns=[c for c in t.columns if c.startswith("seed_") and c not in cols] +
+               [c for c in ("mean_probability", "weight_average") if c in t.columns])
+    if len(cols) > 1:
+        t["mean_probability"] = t[cols].mean(axis=1, skipna=False)
+    return t
+
+
+def parse_inputs(items: list[str]) -> tuple[dict[str, Path | pd.DataFrame], dict[str, dict[int, Path]]]:
+    """``--recipe`` values: ``NAME=SCORES.csv`` files (``NAME@0,1,2=SCORES.csv``: those seeds' columns and their
+    mean only, to match another recipe's number of seeds), and ``NAME:SEED=oof_scores.csv`` files per name and seed."""
+    files: dict[str, Path | pd.DataFrame] = {}
     seeds: dict[str, dict[int, Path]] = {}
     for item in items:
         key, sep, path = item.partition("=")
+        key, at, keep = key.partition("@")
         name, colon, seed = key.partition(":")
-        if not sep or not name or not path or (colon and not seed.isdigit()):
-            raise SystemExit(f"--recipe {item!r}: expected NAME=SCORES.csv or NAME:SEED=oof_scores.csv (SEED a number)")
+        if (not sep or not name or not path or (colon and not seed.isdigit()) or (at and colon)
+                or (at and not all(k.isdigit() for k in keep.split(",")))):
+            raise SystemExit(f"--recipe {item!r}: expected NAME=SCORES.csv, NAME@S,S,...=SCORES.csv or "
+                             "NAME:SEED=oof_scores.csv (seeds are numbers)")
         if not Path(path).is_file():
             raise SystemExit(f"--recipe {item!r}: {path} is not a file")
         if colon:
             seeds.setdefault(name, {})[int(seed)] = Path(path)
         else:
-            files[name] = Path(path)
+            files[name] = seed_subset(Path(path), [int(k) for k in keep.split(",")]) if at else Path(path)
     both = sorted(set(files) & set(seeds))
     if both:
         raise SystemExit(f"{both[0]}: give either {both[0]}=SCORES.csv or {both[0]}:SEED=oof_scores.csv entries")

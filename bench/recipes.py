@@ -130,6 +130,23 @@ RECIPES: dict[str, dict] = {
                              "what": "wsauc_roi_1pass with an ImageNet MobileNetV2 (the other offline weights) instead "
                              "of EfficientNet-Lite0: a second architecture for a mixed ensemble, as DeepCOVID-XR mixes "
                              "architectures"},
+    "wsauc_roi_1pass_histeq": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.intensity=hist_eq"],
+                               "what": "wsauc_roi_1pass with histogram equalisation of the lung crop (black outside "
+                               "stays black): every monotone change of grey levels - a collection's window, gamma, "
+                               "contrast - gives the model the same input"},
+    "wsauc_roi_1pass_noclsw": {"overrides": WSAUC + ROI + ONE_PASS + ["train.loss_weighting=none"],
+                               "what": "wsauc_roi_1pass without class weights: class weights on top of source-balanced "
+                               "draws weight COVID 1.75 against 0.70, so inside ieee8023 / Figure1 the cross-entropy "
+                               "sees 71% COVID and a collection's look alone earns P(covid) 0.71; without them 0.5"},
+    "wsauc_roi_1pass_gentle": {"overrides": WSAUC + ROI + ONE_PASS + ["model.backbone_lr_mult=0.3"],
+                               "what": "wsauc_roi_1pass with the backbone at 0.3 x the head's learning rate (partial / "
+                               "gentler fine-tuning: issue 10's frozen-backbone head scored 0.80 on the same-hospital "
+                               "test, above every fully fine-tuned recipe but one)"},
+    "wsauc_roi_1pass_tight": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.roi_dilate=0.0"],
+                              "what": "wsauc_roi_1pass black outside the lungs themselves (roi_dilate 0 instead of "
+                              "0.03): the 3% rim keeps chest wall, soft tissue and the heart's edge, which carry the "
+                              "patient's build and a collection's look (with the lungs blacked out, the main job "
+                              "still scored AUC 0.64 from that rim)"},
     "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
                         "what": "wsauc_roi + JPEG (q30-95) p=0.5 and downscale-upscale (0.4-1) p=0.3 of every class "
                         "on the working-size image, before the lung crop (issue 10: compression is a shortcut)"},

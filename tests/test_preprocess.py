@@ -65,6 +65,30 @@ def test_contrast_differences_removed_by_percentile_and_hist_eq(xray):
         assert np.abs(a - b).mean() < 0.02, mode
 
 
+def test_hist_eq_of_a_lung_crop_keeps_the_outside_black_and_undoes_a_gamma_change(xray):
+    # bench recipe wsauc_roi_1pass_histeq: equalising the lung crop gives a model the same input whatever
+    # window / gamma a collection exported with; the blacked-out surroundings must stay black (no lung texture).
+    from covidcxr.data.lung_roi import roi_from_mask
+
+    working = working_image(xray, 512)
+    h, w = working.shape
+    yy, xx = np.mgrid[:h, :w]
+    lungs = (((yy - 0.5 * h) / (0.3 * h)) ** 2 + ((xx - 0.3 * w) / (0.12 * w)) ** 2 < 1) | \
+            (((yy - 0.5 * h) / (0.3 * h)) ** 2 + ((xx - 0.7 * w) / (0.12 * w)) ** 2 < 1)
+    gamma = working_image(dequantise(working) ** 2.0, 512)
+    out = {}
+    for mode in ("none", "hist_eq"):
+        spec = PreprocessSpec(image_size=160, intensity=mode, roi="lungs", roi_mask_outside=True, roi_dilate=0.0)
+        roi = roi_from_mask(lungs, spec, "nih")
+        out[mode] = [dequantise(prepare(img, spec, roi)) for img in (working, gamma)]
+    outside = out["none"][0] == 0
+    assert 0.2 < outside.mean() < 0.8
+    assert np.all(out["hist_eq"][0][outside] == 0) and np.all(out["hist_eq"][1][outside] == 0)
+    inside = ~outside
+    assert np.abs(out["none"][0] - out["none"][1])[inside].mean() > 0.1  # gamma 2 changes the plain crop a lot
+    assert np.abs(out["hist_eq"][0] - out["hist_eq"][1])[inside].mean() < 0.01  # and the equalised one hardly
+
+
 def test_letterbox_keeps_aspect_and_pads_black():
     img = np.ones((100, 200), dtype=np.float32)
     out = resize_square(img, 64, "letterbox")
