@@ -147,6 +147,10 @@ RECIPES: dict[str, dict] = {
                               "0.03): the 3% rim keeps chest wall, soft tissue and the heart's edge, which carry the "
                               "patient's build and a collection's look (with the lungs blacked out, the main job "
                               "still scored AUC 0.64 from that rim)"},
+    "wsauc_roi_1pass_tight_histeq": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.roi_dilate=0.0",
+                                                                           "preprocess.intensity=hist_eq"],
+                                     "what": "wsauc_roi_1pass_tight + wsauc_roi_1pass_histeq: the lungs alone, "
+                                     "equalised (tight scored best out of fold, histeq best on a held-out collection)"},
     "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
                         "what": "wsauc_roi + JPEG (q30-95) p=0.5 and downscale-upscale (0.4-1) p=0.3 of every class "
                         "on the working-size image, before the lung crop (issue 10: compression is a shortcut)"},
