@@ -68,9 +68,7 @@ class WorkingStageDataset(CXRDataset):
         segmenter's mask moves under re-compression, and a model trained on the clean image's mask reads
         that outline (bench/roi_jpeg_sensitivity.py). If the changed image shows no lungs, the clean
         image's ROI is used; the item itself is not lost."""
-        if self.spec.roi != "lungs":
-            return None
-        try:
+        try:  # None for roi: full (locate_lungs runs no segmenter then)
             return locate_lungs(working, self.spec, self.lung_finder, str(self.paths[i]))
         except ImageReadError:
             return self.roi(i)
