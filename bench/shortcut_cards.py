@@ -3,10 +3,10 @@
     .venv/bin/python bench/shortcut_cards.py [--run runs/quick] [--manifest runs/data/split.csv]
                                              [--limit-per-source 20] [--work /tmp/covidcxr_shortcut_cards]
 
-The shortcut model is ``configs/quick.yaml`` on whole images (``preprocess.roi=full``, plain
-cross-entropy) trained on the same training rows with a *source* label: every image of a collection
-that holds COVID-19 images (ieee8023, Figure1) is labelled covid, every other image non-covid. It can
-only learn which collection an image came from. Both models are then audited with
+The shortcut model is ``configs/quick.yaml`` on whole images (``preprocess.roi=full``, no intensity
+standardisation, plain cross-entropy) trained on the same training rows with a *source* label: every
+image of a collection that holds COVID-19 images (ieee8023, Figure1) is labelled covid, every other
+image non-covid. It can only learn which collection an image came from. Both models are then audited with
 ``covidcxr audit shortcuts`` on the same seeded sample of the main job's test rows, against their
 true labels. The card should pass / warn on the first and fail on the second.
 
@@ -70,7 +70,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if not (shortcut_run / "run.json").is_file():
         cfg = load_config(REPO / "configs" / "quick.yaml", [
-            "preprocess.roi=full", "train.objective=ce", "train.sampler=none", "train.progress=false", "ensemble.seeds=[]",
+            # intensity pinned: quick.yaml's hist_eq (since 2026-12-08) would change the detector of the earlier cards
+            "preprocess.roi=full", "preprocess.intensity=none", "train.objective=ce", "train.sampler=none",
+            "train.progress=false", "ensemble.seeds=[]",
             f"data.manifest={labelled}"])
         fit(cfg, shortcut_run, write_card=False)
     train_s = time.perf_counter() - t0
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result = {"benchmark": "shortcut_cards", "manifest": str(a.manifest), "split": "test",
               "limit_per_source": a.limit_per_source,
-              "shortcut_model": {"what": "quick.yaml, roi=full, plain CE, shuffled batches, trained on a source label: "
+              "shortcut_model": {"what": "quick.yaml, roi=full, intensity=none, plain CE, shuffled batches, trained on a source label: "
                                          f"covid = an image of {covid_sources}", "train_wall_s": round(train_s, 1),
                                  "run": str(shortcut_run)},
               "cards": cards, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "load_average": os.getloadavg()}
