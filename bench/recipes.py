@@ -151,6 +151,11 @@ RECIPES: dict[str, dict] = {
                                                                            "preprocess.intensity=hist_eq"],
                                      "what": "wsauc_roi_1pass_tight + wsauc_roi_1pass_histeq: the lungs alone, "
                                      "equalised (tight scored best out of fold, histeq best on a held-out collection)"},
+    "wsauc_roi_1pass_tight_histeq_jpegw": {"overrides": WSAUC + ROI + ONE_PASS + [
+        "preprocess.roi_dilate=0.0", "preprocess.intensity=hist_eq"] + JPEG_WORKING,
+        "what": "wsauc_roi_1pass_tight_histeq (the main job's since 2026-12-08) + the working-stage JPEG / resolution "
+        "augmentation, lungs segmented again on each changed image (its scorecard's worst change was a 4x "
+        "downscale-upscale)"},
     "wsauc_roi_jpegw": {"overrides": WSAUC + ROI + JPEG_WORKING,
                         "what": "wsauc_roi + JPEG (q30-95) p=0.5 and downscale-upscale (0.4-1) p=0.3 of every class "
                         "on the working-size image, before the lung crop (issue 10: compression is a shortcut)"},
