@@ -151,6 +151,11 @@ RECIPES: dict[str, dict] = {
                                                                            "preprocess.intensity=hist_eq"],
                                      "what": "wsauc_roi_1pass_tight + wsauc_roi_1pass_histeq: the lungs alone, "
                                      "equalised (tight scored best out of fold, histeq best on a held-out collection)"},
+    "wsauc_roi_1pass_histeq_rim1": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.roi_dilate=0.01",
+                                                                          "preprocess.intensity=hist_eq"],
+                                    "what": "wsauc_roi_1pass_tight_histeq with a 1% rim: does moving the mask's edge "
+                                    "off the lung tissue make it less sensitive to re-compression (the moved mask "
+                                    "caused 55% of tight_histeq's JPEG change, 35% with the 3% rim)?"},
     "wsauc_roi_1pass_tight_histeq_jpegw": {"overrides": WSAUC + ROI + ONE_PASS + [
         "preprocess.roi_dilate=0.0", "preprocess.intensity=hist_eq"] + JPEG_WORKING,
         "what": "wsauc_roi_1pass_tight_histeq (the main job's since 2026-12-08) + the working-stage JPEG / resolution "
