@@ -75,6 +75,8 @@ ROI = ["preprocess.roi=lungs", "preprocess.roi_mask_outside=true", "preprocess.r
 #: One pass over every training image instead of 2 x 480 draws (the external test of issue 10 peaked after epoch 1).
 ONE_PASS = ["train.epochs=1", "train.samples_per_epoch=null"]
 WSAUC = PLAIN + GROUPED + ["train.objective=within_source_auc", "train.auc_ce_weight=0.5"]
+#: The lung crop black outside the undilated mask, histogram-equalised (the main job's since 2026-12-08).
+TIGHT_HISTEQ = ["preprocess.roi_dilate=0.0", "preprocess.intensity=hist_eq"]
 
 RECIPES: dict[str, dict] = {
     "quick_v1": {"overrides": QUICK_V1, "what": "configs/quick.yaml as shipped before: CLAHE, strong intensity aug, "
@@ -147,8 +149,7 @@ RECIPES: dict[str, dict] = {
                               "0.03): the 3% rim keeps chest wall, soft tissue and the heart's edge, which carry the "
                               "patient's build and a collection's look (with the lungs blacked out, the main job "
                               "still scored AUC 0.64 from that rim)"},
-    "wsauc_roi_1pass_tight_histeq": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.roi_dilate=0.0",
-                                                                           "preprocess.intensity=hist_eq"],
+    "wsauc_roi_1pass_tight_histeq": {"overrides": WSAUC + ROI + ONE_PASS + TIGHT_HISTEQ,
                                      "what": "wsauc_roi_1pass_tight + wsauc_roi_1pass_histeq: the lungs alone, "
                                      "equalised (tight scored best out of fold, histeq best on a held-out collection)"},
     "wsauc_roi_1pass_histeq_rim1": {"overrides": WSAUC + ROI + ONE_PASS + ["preprocess.roi_dilate=0.01",
@@ -156,8 +157,7 @@ RECIPES: dict[str, dict] = {
                                     "what": "wsauc_roi_1pass_tight_histeq with a 1% rim: does moving the mask's edge "
                                     "off the lung tissue make it less sensitive to re-compression (the moved mask "
                                     "caused 55% of tight_histeq's JPEG change, 35% with the 3% rim)?"},
-    "wsauc_roi_1pass_tight_histeq_jpegw": {"overrides": WSAUC + ROI + ONE_PASS + [
-        "preprocess.roi_dilate=0.0", "preprocess.intensity=hist_eq"] + JPEG_WORKING,
+    "wsauc_roi_1pass_tight_histeq_jpegw": {"overrides": WSAUC + ROI + ONE_PASS + TIGHT_HISTEQ + JPEG_WORKING,
         "what": "wsauc_roi_1pass_tight_histeq (the main job's since 2026-12-08) + the working-stage JPEG / resolution "
         "augmentation, lungs segmented again on each changed image (its scorecard's worst change was a 4x "
         "downscale-upscale)"},

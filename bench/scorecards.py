@@ -13,7 +13,6 @@ P(covid)| and change of AUC) are kept too, since the check itself reports only t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -59,18 +58,27 @@ def main(argv=None) -> None:
         os.environ.setdefault(k, v)
     from covidcxr.audit.scorecard import audit_shortcuts
 
-    t0 = time.perf_counter()
-    groups = {}
+    from covidcxr.files import write_json
+
+    requested = {}
     for item in a.group:
         name, _, runs = item.partition("=")
         if not runs:
-            raise SystemExit(f"--group {item!r}: expected NAME=RUN,RUN,...")
+            ap.error(f"--group {item!r}: expected NAME=RUN,RUN,...")
+        requested[name] = [Path(r) for r in runs.split(",")]
+        # checked before any audit, so a typo does not end a long run half-way
+        for run_path in requested[name]:
+            if not (run_path / "run.json").is_file():
+                ap.error(f"--group {name}: {run_path} is not a covidcxr run directory (no run.json)")
+    t0 = time.perf_counter()
+    groups = {}
+    for name, run_paths in requested.items():
         cards = {}
-        for run in runs.split(","):
-            run_path = Path(run)
+        for i, run_path in enumerate(run_paths):
             print(f"auditing {name}: {run_path}", flush=True)
+            # numbered: members of one ensemble (members/seed_S) would share any name taken from the path
             card = audit_shortcuts(run_path, None, split="test", limit_per_source=a.limit_per_source,
-                                   out=a.work / name / run_path.parent.name, write_record=False)
+                                   out=a.work / name / str(i), write_record=False)
             cards[str(run_path)] = {"verdict": card["verdict"], "sentence": card["sentence"],
                                     "verdicts": {c["name"]: c["verdict"] for c in card["checks"]},
                                     "values": card_values(card), "images": card["images"],
@@ -81,7 +89,7 @@ def main(argv=None) -> None:
     result = {"benchmark": "scorecards", "limit_per_source": a.limit_per_source, "split": "test", "groups": groups,
               "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1, default=float))
+    write_json(a.out, result)
     print(f"wrote {a.out}")
 
 
